@@ -1,0 +1,1 @@
+"""Built-in adapters: one self-contained module per method, each a plugin of its own."""

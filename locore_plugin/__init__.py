@@ -1,0 +1,12 @@
+"""locore-plugin: image re-ranking (LoCoRE and its baselines) for the rerankers library.
+
+Importing the package connects it to ``rerankers.Reranker`` (see :mod:`locore_plugin.bridge`).
+"""
+from .features import ImageFeatures
+from .interface import ImageReranker, RerankResult
+from .registry import create_reranker, list_rerankers
+from . import bridge as _bridge
+
+_bridge.install()
+
+__all__ = ["ImageFeatures", "ImageReranker", "RerankResult", "create_reranker", "list_rerankers"]

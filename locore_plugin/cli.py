@@ -1,0 +1,36 @@
+"""The ``locore-plugin`` command. Each sub-command is a function that adds its parser."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_list(subparsers):
+    parser = subparsers.add_parser("list", help="list the registered re-rankers")
+
+    def run(args):
+        from .registry import list_rerankers
+
+        entries = list_rerankers()
+        width = max(len(e.name) for e in entries)
+        for e in entries:
+            print(f"{e.name:<{width}}  [{e.distribution}: {e.plugin}]  {e.description}")
+        return 0
+
+    parser.set_defaults(run=run)
+
+
+SUBCOMMANDS = [_add_list]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="locore-plugin", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
