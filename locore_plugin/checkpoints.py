@@ -1,0 +1,61 @@
+"""Reading the official checkpoints as they are, and loading them strictly."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Union
+
+import torch
+
+PathLike = Union[str, Path]
+
+
+def read_state_dict(path: PathLike, strip_prefixes: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file with their own key names.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``, unwrapping the official ``{'state': ...}`` (AMES, RRT) and
+    ``{'state_dict': ...}`` / ``{'model': ...}`` containers. A key prefix in ``strip_prefixes``
+    (e.g. R2Former's ``Reranker.``) is removed where every key carries it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for container in ("state", "state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(container), dict):
+                state = state[container]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    for prefix in strip_prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+class StateDictMismatchError(RuntimeError):
+    """The checkpoint's keys or shapes do not fit the model."""
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load ``state`` into ``module``; any missing, unexpected or mis-shaped key is an error that names them."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mis_shaped:
+        parts = [f"{source} does not fit {type(module).__name__}:"]
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
+            if keys:
+                parts.append(f"  {label} ({len(keys)}): {', '.join(keys)}")
+        raise StateDictMismatchError("\n".join(parts))
+    module.load_state_dict(state, strict=True)
