@@ -1,0 +1,173 @@
+"""Shared machinery for methods that score each (query, gallery) pair on its own (AMES, RRT, R2Former).
+
+A method says which per-local columns it needs and how one batch of pairs becomes logits
+(:meth:`PairwiseReranker.pair_logits`); this class turns shortlists into batches of pairs (the
+query rows are gathered once per pair, never looped over), scores them, optionally fuses the
+logits with the global similarity, ranks, and turns labelled lists into a pair-wise loss.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .features import ImageFeatures, stack_globals, stack_locals
+from .fusion import fuse_scores
+from .interface import TrainableReranker, ranked
+from .runtime import resolve_device, resolve_dtype
+
+
+class PairwiseReranker(TrainableReranker):
+    """Scores every (query, shortlist item) pair with ``pair_logits`` and sorts by the score.
+
+    Subclasses set ``columns`` (per-local columns besides the descriptors) and ``needs_global``,
+    may set ``local_dim`` / ``global_dim`` (checked against the input, so that a descriptor of
+    the wrong size is a clear error rather than a matmul failure), and implement
+    :meth:`pair_logits`. ``fusion=(weight, temperature)`` ranks by
+    ``weight * global + (1 - weight) * sigmoid(temperature * logit)``; None ranks by the logit.
+    """
+
+    columns: tuple[str, ...] = ()
+    needs_global: bool = False
+    local_dim: Optional[int] = None
+    global_dim: Optional[int] = None
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        query_length: int,
+        gallery_length: int,
+        fusion: Optional[tuple[float, float]] = None,
+        device="cpu",
+        dtype="float32",
+        batch_size: int = 256,
+        verbose: int = 0,
+    ):
+        if query_length < 1 or gallery_length < 1:
+            raise ValueError(f"sequence lengths must be >= 1, got query {query_length}, gallery {gallery_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if fusion is not None:
+            if len(fusion) != 2:
+                raise ValueError(f"fusion must be None or (weight, temperature), got {fusion!r}")
+            fusion = (float(fusion[0]), float(fusion[1]))
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        self.module = module.to(device=self.device, dtype=self.dtype)
+        self.query_length, self.gallery_length = int(query_length), int(gallery_length)
+        self.fusion = fusion
+        self.batch_size = int(batch_size)
+        self.verbose = verbose
+        # Pair sampling for training draws from this generator; a trainer that resumes exactly
+        # saves and restores ``rng.bit_generator.state``.
+        self.rng = np.random.default_rng(0)
+
+    @property
+    def method(self) -> str:
+        return self.name or type(self).__name__
+
+    @abc.abstractmethod
+    def pair_logits(self, module: torch.nn.Module, query: dict, gallery: dict) -> torch.Tensor:
+        """Logits (P,) of P pairs through ``module`` (``self.module`` or the trainer's wrapper).
+
+        ``query`` and ``gallery`` hold one row per pair: ``local`` (P, L, D) in the model dtype,
+        ``mask`` (P, L) bool (True = valid, the opposite of the official files), each of
+        ``columns`` as float32, and ``global`` (P, Dg) in the model dtype when ``needs_global``.
+        """
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def encode(self, features: Sequence[ImageFeatures], length: int, role: str) -> dict[str, torch.Tensor]:
+        """Stack images into device tensors (one row per image), checking what the method needs."""
+        stacked = stack_locals(features, length, self.columns, method=self.method)
+        empty = np.flatnonzero(~stacked["mask"].any(1))
+        if len(empty):
+            raise ValueError(f"{self.method}: {role} image(s) {empty.tolist()} have no valid local descriptors")
+        _check_dim(self.local_dim, stacked["local"].shape[-1], f"{self.method}: {role} local descriptors")
+        out = {k: torch.from_numpy(v).to(self.device) for k, v in stacked.items()}
+        out["local"] = out["local"].to(self.dtype)
+        if self.needs_global:
+            globals_ = stack_globals(features, method=self.method)
+            _check_dim(self.global_dim, globals_.shape[-1], f"{self.method}: {role} global descriptors")
+            out["global"] = torch.from_numpy(globals_).to(self.device, self.dtype)
+        return out
+
+    def pair_inputs(
+        self, queries: Sequence[ImageFeatures], rows: np.ndarray, gallery: Sequence[ImageFeatures]
+    ) -> tuple[dict, dict]:
+        """Inputs for the pairs (queries[rows[p]], gallery[p]): each query is encoded once and
+        its row gathered for every pair it belongs to."""
+        unique, inverse = np.unique(rows, return_inverse=True)
+        encoded = self.encode([queries[i] for i in unique], self.query_length, "query")
+        index = torch.as_tensor(inverse.reshape(-1), device=self.device)
+        query = {k: v.index_select(0, index) for k, v in encoded.items()}
+        return query, self.encode(gallery, self.gallery_length, "gallery")
+
+    # -- inference ------------------------------------------------------------------------------
+
+    def _rerank_many(self, queries, shortlists, global_scores):
+        if self.fusion is not None:
+            lacking = [i for i, g in enumerate(global_scores) if g is None]
+            if lacking:
+                raise ValueError(
+                    f"{self.method}: fusion with the global similarity needs global scores or global "
+                    f"descriptors, which query(ies) {lacking} lack"
+                )
+        logits = np.split(self.score_pairs(queries, shortlists), np.cumsum([len(s) for s in shortlists])[:-1])
+        if self.fusion is None:
+            return [ranked(l) for l in logits]
+        weight, temperature = self.fusion
+        return [ranked(fuse_scores(g, l, weight, temperature)) for g, l in zip(global_scores, logits)]
+
+    def score_pairs(self, queries: list[ImageFeatures], shortlists: list[list[ImageFeatures]]) -> np.ndarray:
+        """Logits of every (query, shortlist item) pair, queries after each other, in ``batch_size`` chunks."""
+        rows = np.repeat(np.arange(len(queries)), [len(s) for s in shortlists])
+        gallery = [item for shortlist in shortlists for item in shortlist]
+        out = np.empty(len(gallery), np.float32)
+        starts = range(0, len(gallery), self.batch_size)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.inference_mode():
+                for start in tqdm(starts, desc=self.method, unit="batch", disable=not self.verbose):
+                    stop = start + self.batch_size
+                    query, item = self.pair_inputs(queries, rows[start:stop], gallery[start:stop])
+                    out[start:stop] = self.pair_logits(self.module, query, item).float().cpu().numpy()
+        finally:
+            self.module.train(was_training)
+        if not np.isfinite(out).all():
+            raise FloatingPointError(f"{self.method}: the model produced non-finite logits (dtype {self.dtype})")
+        return out
+
+    # -- training -------------------------------------------------------------------------------
+
+    def sample_pairs(self, labels: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which pairs a batch trains on: (list index, item index, 0/1 target) arrays. Default: all."""
+        lengths = [len(l) for l in labels]
+        list_index = np.repeat(np.arange(len(labels)), lengths)
+        item_index = np.concatenate([np.arange(n) for n in lengths])
+        return list_index, item_index, np.concatenate(labels).astype(np.float32)
+
+    def training_loss(self, queries, shortlists, labels, module=None):
+        """Binary cross-entropy (mean over the sampled pairs) of the logits against same-instance labels."""
+        if not (len(queries) == len(shortlists) == len(labels)):
+            raise ValueError(f"{len(queries)} queries, {len(shortlists)} shortlists, {len(labels)} label arrays")
+        labels = [np.asarray(l) for l in labels]
+        for i, (shortlist, label) in enumerate(zip(shortlists, labels)):
+            if label.shape != (len(shortlist),):
+                raise ValueError(f"list {i}: labels must have shape ({len(shortlist)},), got {label.shape}")
+        list_index, item_index, target = self.sample_pairs(labels, self.rng)
+        if len(list_index) == 0:
+            raise ValueError(f"{self.method}: this batch yields no training pairs")
+        query, item = self.pair_inputs(queries, list_index, [shortlists[l][i] for l, i in zip(list_index, item_index)])
+        logits = self.pair_logits(module if module is not None else self.module, query, item)
+        return F.binary_cross_entropy_with_logits(logits.float(), torch.as_tensor(target, device=logits.device))
+
+
+def _check_dim(expected: Optional[int], got: int, what: str) -> None:
+    if expected is not None and got != expected:
+        raise ValueError(f"{what} have dimension {got}, but the model expects {expected}")
