@@ -4,9 +4,11 @@ Importing the package connects it to ``rerankers.Reranker`` (see :mod:`locore_pl
 """
 from .features import ImageFeatures
 from .interface import ImageReranker, RerankResult
+from .metrics import compute_map
+from .pickles import read_pickle
 from .registry import create_reranker, list_rerankers
 from . import bridge as _bridge
 
 _bridge.install()
 
-__all__ = ["ImageFeatures", "ImageReranker", "RerankResult", "create_reranker", "list_rerankers"]
+__all__ = ["ImageFeatures", "ImageReranker", "RerankResult", "compute_map", "create_reranker", "list_rerankers", "read_pickle"]
