@@ -8,6 +8,8 @@ logits with the global similarity, ranks, and turns labelled lists into a pair-w
 from __future__ import annotations
 
 import abc
+import json
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -15,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoints import read_state_dict
 from .features import ImageFeatures, stack_globals, stack_locals
 from .fusion import fuse_scores
-from .interface import TrainableReranker, ranked
+from .interface import RerankResult, TrainableReranker, ranked
 from .runtime import resolve_device, resolve_dtype
 
 
@@ -29,6 +32,9 @@ class PairwiseReranker(TrainableReranker):
     the wrong size is a clear error rather than a matmul failure), and implement
     :meth:`pair_logits`. ``fusion=(weight, temperature)`` ranks by
     ``weight * global + (1 - weight) * sigmoid(temperature * logit)``; None ranks by the logit.
+    ``top_k`` re-ranks only the first ``top_k`` items of each shortlist (the official evaluations
+    re-rank the top 100 or 400); the rest keep their order and their incoming global score (0
+    without one), after the re-ranked ones.
     """
 
     columns: tuple[str, ...] = ()
@@ -43,6 +49,7 @@ class PairwiseReranker(TrainableReranker):
         query_length: int,
         gallery_length: int,
         fusion: Optional[tuple[float, float]] = None,
+        top_k: Optional[int] = None,
         device="cpu",
         dtype="float32",
         batch_size: int = 256,
@@ -50,6 +57,8 @@ class PairwiseReranker(TrainableReranker):
     ):
         if query_length < 1 or gallery_length < 1:
             raise ValueError(f"sequence lengths must be >= 1, got query {query_length}, gallery {gallery_length}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be None or >= 1, got {top_k}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if fusion is not None:
@@ -60,6 +69,7 @@ class PairwiseReranker(TrainableReranker):
         self.module = module.to(device=self.device, dtype=self.dtype)
         self.query_length, self.gallery_length = int(query_length), int(gallery_length)
         self.fusion = fusion
+        self.top_k = None if top_k is None else int(top_k)
         self.batch_size = int(batch_size)
         self.verbose = verbose
         # Pair sampling for training draws from this generator; a trainer that resumes exactly
@@ -117,11 +127,22 @@ class PairwiseReranker(TrainableReranker):
                     f"{self.method}: fusion with the global similarity needs global scores or global "
                     f"descriptors, which query(ies) {lacking} lack"
                 )
-        logits = np.split(self.score_pairs(queries, shortlists), np.cumsum([len(s) for s in shortlists])[:-1])
-        if self.fusion is None:
-            return [ranked(l) for l in logits]
-        weight, temperature = self.fusion
-        return [ranked(fuse_scores(g, l, weight, temperature)) for g, l in zip(global_scores, logits)]
+        depths = [len(s) if self.top_k is None else min(self.top_k, len(s)) for s in shortlists]
+        heads = [s[:d] for s, d in zip(shortlists, depths)]
+        logits = np.split(self.score_pairs(queries, heads), np.cumsum(depths)[:-1])
+        results = []
+        for shortlist, depth, incoming, logit in zip(shortlists, depths, global_scores, logits):
+            if self.fusion is not None:
+                logit = fuse_scores(incoming[:depth], logit, *self.fusion)
+            head = ranked(logit)
+            tail = np.zeros(len(shortlist) - depth, np.float32) if incoming is None else incoming[depth:]
+            results.append(
+                RerankResult(
+                    order=np.concatenate([head.order, np.arange(depth, len(shortlist))]).astype(np.int64),
+                    scores=np.concatenate([head.scores, tail]).astype(np.float32),
+                )
+            )
+        return results
 
     def score_pairs(self, queries: list[ImageFeatures], shortlists: list[list[ImageFeatures]]) -> np.ndarray:
         """Logits of every (query, shortlist item) pair, queries after each other, in ``batch_size`` chunks."""
@@ -166,6 +187,32 @@ class PairwiseReranker(TrainableReranker):
         query, item = self.pair_inputs(queries, list_index, [shortlists[l][i] for l, i in zip(list_index, item_index)])
         logits = self.pair_logits(module if module is not None else self.module, query, item)
         return F.binary_cross_entropy_with_logits(logits.float(), torch.as_tensor(target, device=logits.device))
+
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_directory(directory, module: torch.nn.Module, config: dict) -> None:
+    """What ``save_pretrained`` writes: the state dict under its official key names as safetensors,
+    beside ``config.json`` (the method's architecture config)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+
+
+def read_checkpoint(checkpoint) -> tuple[Optional[dict], dict[str, torch.Tensor]]:
+    """(config, state dict) of an official checkpoint file (config None) or a ``save_pretrained`` folder."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is a folder without {CONFIG_FILE}; pass the weights file itself")
+        return json.loads((path / CONFIG_FILE).read_text()), read_state_dict(path / WEIGHTS_FILE)
+    return None, read_state_dict(path)
 
 
 def _check_dim(expected: Optional[int], got: int, what: str) -> None:
