@@ -1,0 +1,115 @@
+"""Revisited Oxford/Paris evaluation protocols for re-ranking (LoCoRE supplementary B.1).
+
+Scoring follows revisitop (:func:`locore_plugin.metrics.revisited_gnd`). What differs between
+the protocols, and between published evaluation codes, is which gallery images may enter the
+shortlist that a re-ranker sees:
+
+* ``medium``: positives = easy + hard, junk ignored when scoring.
+* ``hard``: positives = hard; easy images stay in the database and take part in re-ranking (a
+  list-wise method may use them as anchors) and count as junk when scoring. The convention of the
+  SuperGlobal paper.
+* ``hard*``: positives = hard; easy images leave the database before the shortlist is built,
+  as the ``hard_split`` of the AMES and LoCoRE evaluation code does.
+
+Junk handling before re-ranking is a separate, explicit choice:
+
+* ``keep`` (revisitop / SuperGlobal): junk stays in the shortlist and is only ignored by the metric.
+* ``remove`` (DELG / AMES / RRT / LoCoRE evaluation code): junk leaves the shortlist before the
+  top-K is re-ranked.
+
+Images that leave the shortlist are moved, in their order, behind every other gallery image.
+They are always junk under the protocol's own scoring, so where they end up never changes a
+score; it only frees their shortlist slots for the next images of the global ranking.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .metrics import revisited_gnd
+
+JUNK_MODES = ("keep", "remove")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str  # "medium", "hard" or "hard*"
+    label: str  # table column header
+    scoring: str  # the revisitop protocol that scores it (metrics.revisited_gnd)
+    easy_leaves: bool  # easy images leave the database before the shortlist is built
+
+    def removed_keys(self, junk: str) -> tuple[str, ...]:
+        """The ground-truth lists whose images leave the shortlist under junk mode ``junk``.
+
+        Protocols with equal keys see identical shortlists, so one re-ranking serves them all
+        (Medium and Hard always do)."""
+        check_junk_mode(junk)
+        return (("junk",) if junk == "remove" else ()) + (("easy",) if self.easy_leaves else ())
+
+    def scoring_gnd(self, gnd: Sequence[Mapping]) -> list[dict[str, np.ndarray]]:
+        """Per-query ``ok``/``junk`` arrays for :func:`locore_plugin.metrics.compute_map`."""
+        return revisited_gnd(gnd, self.scoring)
+
+
+MEDIUM = Protocol("medium", "Medium", "medium", easy_leaves=False)
+HARD = Protocol("hard", "Hard", "hard", easy_leaves=False)
+HARD_STAR = Protocol("hard*", "Hard*", "hard", easy_leaves=True)
+PROTOCOLS = {p.name: p for p in (MEDIUM, HARD, HARD_STAR)}
+_ALIASES = {"m": "medium", "h": "hard", "h*": "hard*", "hardstar": "hard*", "hard-star": "hard*"}
+
+
+def get_protocol(name: str) -> Protocol:
+    """``medium``/``hard``/``hard*`` (or ``M``, ``H``, ``H*``, ``hardstar``)."""
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; expected one of {list(PROTOCOLS)} (or M, H, H*)")
+    return PROTOCOLS[key]
+
+
+def parse_protocols(names) -> list[Protocol]:
+    """A list of protocols from names or one comma-separated string, without duplicates, in order."""
+    if isinstance(names, str):
+        names = names.split(",")
+    out = []
+    for name in names:
+        p = get_protocol(name)
+        if p not in out:
+            out.append(p)
+    if not out:
+        raise ValueError("no protocol given")
+    return out
+
+
+def check_junk_mode(junk: str) -> str:
+    if junk not in JUNK_MODES:
+        raise ValueError(f"unknown junk mode {junk!r}; expected one of {JUNK_MODES}")
+    return junk
+
+
+def prepare_ranking(ranking: np.ndarray, gnd: Sequence[Mapping], protocol: Protocol, junk: str):
+    """Apply the protocol's shortlist rule to global rankings.
+
+    ``ranking`` [nq, n]: each row one query's gallery indices, best first. Returns the new
+    ranking (images that leave the shortlist moved, in order, behind the others) and the number
+    of images per query that may still be shortlisted.
+    """
+    ranking = np.asarray(ranking)
+    if ranking.ndim != 2 or ranking.shape[0] != len(gnd):
+        raise ValueError(f"ranking must have shape [{len(gnd)} queries, n], got {ranking.shape}")
+    keys = protocol.removed_keys(junk)
+    out = ranking.copy()
+    kept = np.full(len(gnd), ranking.shape[1], dtype=np.int64)
+    if not keys:
+        return out, kept
+    for q, entry in enumerate(gnd):
+        missing = [k for k in keys if k not in entry]
+        if missing:
+            raise KeyError(f"gnd entry {q} lacks {missing}, which protocol {protocol.name!r} with junk={junk!r} needs")
+        removed = np.concatenate([np.asarray(entry[k], dtype=np.int64).ravel() for k in keys])
+        leaves = np.isin(ranking[q], removed)
+        kept[q] = ranking.shape[1] - int(leaves.sum())
+        out[q] = np.concatenate([ranking[q][~leaves], ranking[q][leaves]])
+    return out, kept

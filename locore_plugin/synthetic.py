@@ -1,0 +1,172 @@
+"""A small synthetic "revisited" dataset with planted structure, written in the official layout.
+
+The world: each landmark instance is a strip of ``parts`` distinct patterns (unit local
+descriptors). An image of an instance sees a window of consecutive parts, each detected with
+some probability and under descriptor noise, plus clutter patterns of its own. For a query,
+the gallery images of its instance are
+
+* easy: their window overlaps at least half of the query's window;
+* hard: a smaller, non-empty overlap, or no overlap at all but at least half of an easy image's
+  window (the transitive case of LoCoRE supplementary Figure C: only list-wise evidence links it);
+* junk: neither.
+
+Global descriptors mix an instance direction with strong noise (weaker for hard views, and
+"look-alike" distractors share an instance's direction), so the global ranking is mediocre and
+local evidence is what separates positives from look-alikes. Everything is drawn from one seeded
+``numpy.random.Generator``: the same seed gives the same files.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+DATASET = "synthetic"
+DESCRIPTOR = "synth"
+NN_NAME = "global"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    instances: int = 10  # landmark instances with queries
+    queries_per_instance: int = 3
+    views_per_instance: int = 24  # gallery images of each instance
+    distractor_instances: int = 20  # instances never queried (their views are negatives)
+    views_per_distractor: int = 6
+    lookalikes: int = 120  # negatives whose global descriptor resembles a queried instance
+    parts: int = 36  # patterns along an instance
+    window: int = 12  # consecutive parts an image sees
+    detect: float = 0.8  # probability that a part in view yields a local descriptor
+    clutter: int = 8  # clutter locals per image
+    topk: int = 24  # local rows per image in the files (padded with mask = 1)
+    local_dim: int = 32
+    global_dim: int = 32
+    local_noise: float = 0.5  # norm of the noise added to a detected pattern (a unit vector)
+    global_signal: float = 1.0  # weight of the instance direction in an easy view's global descriptor
+    global_noise: float = 1.0  # norm of the noise added to a global descriptor
+    hard_signal: float = 0.75  # instance weight for views that overlap the query's window little or not at all
+    nn_depth: int = 200  # length of the nn_global.pkl shortlist
+
+
+SIZES = {
+    "tiny": SyntheticConfig(instances=4, queries_per_instance=2, views_per_instance=14, distractor_instances=6,
+                            views_per_distractor=4, lookalikes=30, nn_depth=60),
+    "small": SyntheticConfig(),
+}
+
+
+@dataclass
+class SyntheticData:
+    """Arrays of a generated dataset, in memory (rows of the local arrays: x, y, scale, mask, weight, desc)."""
+
+    config: SyntheticConfig
+    seed: int
+    query_local: np.ndarray  # [nq, topk, 5 + local_dim] float32
+    gallery_local: np.ndarray  # [ndb, topk, 5 + local_dim] float32
+    query_global: np.ndarray  # [nq, global_dim] float32, unit rows
+    gallery_global: np.ndarray  # [ndb, global_dim]
+    gnd: dict  # {"gnd": [{"easy", "hard", "junk", "bbx"}], "imlist", "qimlist"}
+    transitive: list  # per query: hard positives that share no part with the query
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def generate(seed: int = 0, size: str | SyntheticConfig = "small") -> SyntheticData:
+    """Draw a dataset; the same ``seed`` and ``size`` give identical arrays."""
+    cfg = SIZES[size] if isinstance(size, str) else size
+    if not 1 <= cfg.window <= cfg.parts or cfg.topk < 1:
+        raise ValueError(f"a synthetic config needs 1 <= window <= parts and topk >= 1, got {cfg}")
+    rng = np.random.default_rng(seed)
+    n_inst = cfg.instances + cfg.distractor_instances
+    patterns = _unit(rng.normal(size=(n_inst, cfg.parts, cfg.local_dim)))
+    directions = _unit(rng.normal(size=(n_inst, cfg.global_dim)))
+    last_start = cfg.parts - cfg.window
+
+    # Gallery views: queried instances spread their windows over the whole strip.
+    view_inst, view_start = [], []
+    for i in range(cfg.instances):
+        view_inst += [i] * cfg.views_per_instance
+        view_start += list(np.round(np.linspace(0, last_start, cfg.views_per_instance)).astype(int))
+    for i in range(cfg.instances, n_inst):
+        view_inst += [i] * cfg.views_per_distractor
+        view_start += list(rng.integers(0, last_start + 1, cfg.views_per_distractor))
+    n_views = len(view_inst)
+    lookalike_inst = rng.integers(0, cfg.instances, cfg.lookalikes)
+    ndb = n_views + cfg.lookalikes
+    perm = rng.permutation(ndb)  # gallery order is shuffled so position carries no label
+
+    q_inst = np.repeat(np.arange(cfg.instances), cfg.queries_per_instance)
+    q_start = rng.integers(0, last_start + 1, len(q_inst))
+
+    def locals_for(inst, starts, lookalike=False):
+        n = len(inst)
+        rows = np.zeros((n, cfg.topk, 5 + cfg.local_dim), np.float32)
+        for r in range(n):
+            # A look-alike sees no instance pattern: it shares only the global appearance.
+            parts = np.arange(starts[r], starts[r] + (0 if lookalike else cfg.window))
+            parts = parts[rng.random(len(parts)) < cfg.detect]
+            seen = _unit(patterns[inst[r], parts] + cfg.local_noise / np.sqrt(cfg.local_dim) * rng.normal(size=(len(parts), cfg.local_dim)))
+            part_x = (parts - starts[r] + 0.5) / cfg.window
+            clutter = _unit(rng.normal(size=(cfg.clutter + (cfg.window if lookalike else 0), cfg.local_dim)))
+            desc = np.concatenate([seen, clutter])
+            x = np.concatenate([part_x, rng.random(len(clutter))])
+            keep = rng.permutation(len(desc))[: cfg.topk]
+            desc, x = desc[keep], x[keep]
+            weight = np.sort(rng.random(len(desc)))[::-1]  # the official files list locals by detector weight
+            m = len(desc)
+            rows[r, :m, 0] = x * 512
+            rows[r, :m, 1] = rng.random(m) * 384
+            rows[r, :m, 2] = rng.integers(0, 3, m)
+            rows[r, m:, 3] = 1.0  # mask: 1 = padding
+            rows[r, :m, 4] = weight
+            rows[r, :m, 5:] = desc
+        return rows
+
+    def globals_for(inst, signal):
+        noise = rng.normal(size=(len(inst), cfg.global_dim)) * (cfg.global_noise / np.sqrt(cfg.global_dim))
+        return _unit(signal[:, None] * directions[inst] + noise).astype(np.float32)
+
+    query_local = locals_for(q_inst, q_start)
+    query_global = globals_for(q_inst, np.full(len(q_inst), cfg.global_signal))
+    view_local = locals_for(np.asarray(view_inst), np.asarray(view_start))
+    lookalike_local = locals_for(lookalike_inst, np.zeros(cfg.lookalikes, int), lookalike=True)
+
+    view_start = np.asarray(view_start)
+    view_signal = rng.uniform(cfg.hard_signal, cfg.global_signal, n_views)  # some views look less typical
+    view_global = globals_for(np.asarray(view_inst), view_signal)
+    lookalike_global = globals_for(lookalike_inst, np.full(cfg.lookalikes, cfg.hard_signal))
+
+    position = np.argsort(perm)  # gallery row perm[k] is stored at position k
+    gallery_local = np.concatenate([view_local, lookalike_local])[perm]
+    gallery_global = np.concatenate([view_global, lookalike_global])[perm]
+
+    entries, transitive = [], []
+    view_inst = np.asarray(view_inst)
+    for q in range(len(q_inst)):
+        same = np.flatnonzero(view_inst == q_inst[q])
+        overlap = cfg.window - np.abs(view_start[same] - q_start[q])
+        overlap = np.clip(overlap, 0, None)
+        easy = same[overlap * 2 >= cfg.window]
+        linked = np.zeros(len(same), bool)
+        for e in easy:  # half of an easy view's window shared
+            linked |= (cfg.window - np.abs(view_start[same] - view_start[e])) * 2 >= cfg.window
+        hard_mask = (overlap * 2 < cfg.window) & ((overlap > 0) | linked)
+        hard = same[hard_mask]
+        junk = same[(overlap * 2 < cfg.window) & ~hard_mask]
+        trans = same[hard_mask & (overlap == 0)]
+        entries.append({
+            "easy": sorted(int(position[v]) for v in easy),
+            "hard": sorted(int(position[v]) for v in hard),
+            "junk": sorted(int(position[v]) for v in junk),
+            "bbx": [0.0, 0.0, 512.0, 384.0],  # the query crop: the whole image
+        })
+        transitive.append(sorted(int(position[v]) for v in trans))
+    gnd = {
+        "gnd": entries,
+        "imlist": [f"gallery_{k:05d}" for k in range(ndb)],
+        "qimlist": [f"query_{q:03d}" for q in range(len(q_inst))],
+    }
+    return SyntheticData(cfg, seed, query_local, gallery_local, query_global, gallery_global, gnd, transitive)
