@@ -9,6 +9,7 @@ and returned as a numpy array.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 from pathlib import Path
@@ -37,7 +38,9 @@ def _torch_storage_from_bytes(blob: bytes):
 def _torch_rebuild_tensor(storage, offset, size, stride, *_):
     import torch
 
-    return torch.empty(0, dtype=storage.dtype).set_(storage.untyped_storage(), offset, size, stride).numpy().copy()
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError(f"a tensor needs a storage, got {type(storage).__name__}")
+    return torch._utils._rebuild_tensor(storage, offset, size, stride).numpy().copy()
 
 
 def _allowed() -> dict[tuple[str, str], object]:
@@ -71,6 +74,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if _RestrictedUnpickler._ALLOWED is None:
             _RestrictedUnpickler._ALLOWED = _allowed()
+        # Python 2 names (__builtin__.set, ...) as protocol-2 files carry them, mapped like pickle's own find_class
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         try:
             return _RestrictedUnpickler._ALLOWED[(module, name)]
         except KeyError:
