@@ -1,0 +1,652 @@
+"""The shared training loop: list-wise and pair-wise re-rankers, one GPU or many (torchrun/DDP).
+
+The loop knows nothing about a method. It builds the re-ranker through the registry
+(``create_reranker(name, pretrained=False)`` or ``checkpoint=...``), which must be a
+:class:`~locore_plugin.interface.TrainableReranker`, feeds it lists (a query, its global
+shortlist, same-landmark labels) and lets ``training_loss`` decide how a batch becomes a loss
+(LoCoRE: every gallery token; AMES/RRT/R2Former: sampled pairs).
+
+Run ``locore-plugin train recipes/train_cpu_smoke.toml`` or
+``torchrun --nproc_per_node=8 -m locore_plugin.training recipes/train_locore_base_8gpu.toml``.
+torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...) is the only
+process management: the loop joins the process group it describes.
+
+Exact resume: a checkpoint holds the weights (``save_pretrained``, loadable by
+``create_reranker(name, checkpoint=<dir>/model)``), the optimizer, scheduler and scaler states,
+every rank's RNG states (Python, NumPy, torch, CUDA and the re-ranker's own ``rng`` generator when
+it has one) and the data position (epoch, optimizer steps done in it). Lists are drawn by a
+seeded ``DistributedSampler`` and shuffled by a generator seeded from (seed, epoch, index), so a
+run killed at any step and resumed from its last checkpoint redoes exactly the same steps.
+Checkpoints are written to a temporary folder and renamed, so a kill while writing leaves the
+previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from .interface import TrainableReranker
+from .registry import create_reranker
+from .runtime import resolve_dtype
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_SCHEDULES = ("constant", "linear", "cosine")
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run needs; recipes in ``recipes/`` set these keys (TOML or JSON).
+
+    The global batch (lists per optimizer step) is ``per_device_batch_size x grad_accumulation x
+    world size``; ``global_batch_size``, when set, is checked against it so that a recipe cannot
+    silently train with another batch on another number of GPUs.
+    """
+
+    reranker: str
+    output_dir: str
+    data: dict
+    reranker_options: dict = dataclasses.field(default_factory=dict)
+    checkpoint: Optional[str] = None  # initial weights; None = random initialisation (pretrained=False)
+    validation: Optional[dict] = None  # options of the held-out evaluation run after every epoch
+    epochs: int = 3
+    per_device_batch_size: int = 4
+    grad_accumulation: int = 4
+    global_batch_size: Optional[int] = None
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = None
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    find_unused_parameters: bool = False
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+    log_every: int = 10
+    save_every: int = 1000  # optimizer steps between checkpoints (and one at every epoch end)
+    keep_checkpoints: int = 2
+    max_steps: Optional[int] = None  # stop (with a checkpoint) once this many optimizer steps are done
+    progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.data, dict):
+            raise TypeError("data must be a table of TrainingLists options")
+        for name in ("epochs", "per_device_batch_size", "grad_accumulation", "log_every", "keep_checkpoints"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0 or self.warmup_steps < 0 or self.num_workers < 0:
+            raise ValueError("save_every, warmup_steps and num_workers must be >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or unset, got {self.max_steps}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        missing = [n for n in ("reranker", "output_dir", "data") if n not in values]
+        if missing:
+            raise ValueError(f"the training config lacks {missing}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path, overrides: tuple[str, ...] = ()) -> TrainConfig:
+    """Read a recipe (``.toml`` or ``.json``) and apply ``key=value`` overrides.
+
+    An override's key may be dotted (``data.topk=50``); its value is parsed as JSON when it can be
+    (numbers, booleans, null, lists) and kept as a string otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config not found: {path}")
+    if path.suffix == ".toml":
+        import tomllib
+
+        values = tomllib.loads(path.read_text())
+    elif path.suffix == ".json":
+        values = json.loads(path.read_text())
+    else:
+        raise ValueError(f"training config must be .toml or .json, got {path}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"an override must look like key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        table = values
+        for parent in parents:
+            table = table.setdefault(parent, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"override {item!r}: {parent!r} is not a table")
+        table[leaf] = value
+    return TrainConfig.from_dict(values)
+
+
+# -- distributed context -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Distributed:
+    """This process's place in the run, read from torchrun's environment."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _resolve_device(spec: str, ctx: Distributed) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ctx.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (seeded shuffle, one shard per rank, incomplete shard dropped) that
+    skips the first ``start`` indices of this rank's epoch, which a resumed run has already used."""
+
+    def __init__(self, dataset, ctx: Distributed, seed: int):
+        super().__init__(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)
+
+
+def collate_lists(batch: list) -> tuple[list, list, list]:
+    """Training lists -> (queries, shortlists, labels), the arguments of ``training_loss``."""
+    return [b.query for b in batch], [b.shortlist for b in batch], [b.labels for b in batch]
+
+
+# -- RNG state -----------------------------------------------------------------------------------
+
+
+def _rng_state(reranker) -> dict:
+    legacy = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (legacy[0], torch.from_numpy(legacy[1].astype(np.int64)), *legacy[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+    generator = getattr(reranker, "rng", None)
+    if isinstance(generator, np.random.Generator):
+        state["reranker"] = generator.bit_generator.state
+    return state
+
+
+def _set_rng_state(reranker, state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    if "reranker" in state:
+        reranker.rng.bit_generator.state = state["reranker"]
+
+
+def _seed_everything(seed: int, reranker=None) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if reranker is not None and isinstance(getattr(reranker, "rng", None), np.random.Generator):
+        reranker.rng = np.random.default_rng(seed)
+
+
+# -- the trainer ---------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run. ``dataset`` yields :class:`~locore_plugin.training_data.TrainingList`
+    items and has ``set_epoch(epoch)``; ``validate(reranker) -> {metric: value}`` runs on rank 0
+    after every epoch (the first value is the one the best checkpoint is chosen by)."""
+
+    def __init__(self, config: TrainConfig, dataset=None, validate: Optional[Callable] = None):
+        self.config = config
+        self.ctx = Distributed.from_environment()
+        self.output_dir = Path(config.output_dir)
+        self.dataset = dataset
+        self.validate = validate
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg, ctx = self.config, self.ctx
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        if ctx.enabled and not dist.is_initialized():
+            backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        self.device = _resolve_device(cfg.device, ctx)
+        self.global_batch = cfg.per_device_batch_size * cfg.grad_accumulation * ctx.world_size
+        if cfg.global_batch_size is not None and cfg.global_batch_size != self.global_batch:
+            raise ValueError(
+                f"global_batch_size is {cfg.global_batch_size}, but per_device_batch_size x grad_accumulation x "
+                f"world size = {cfg.per_device_batch_size} x {cfg.grad_accumulation} x {ctx.world_size} = "
+                f"{self.global_batch}"
+            )
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 mixed precision needs a CUDA device; use bf16 or fp32 on CPU")
+        if self.dataset is None:
+            from .training_data import TrainingLists
+
+            self.dataset = TrainingLists(**{"seed": cfg.seed, **cfg.data})
+        if self.validate is None and cfg.validation is not None:
+            self.validate = build_validation(cfg.validation)
+        self.steps_per_epoch = len(self.dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.dataset)} training lists do not fill one global batch of {self.global_batch}")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+        latest = self._latest_checkpoint()
+        _seed_everything(cfg.seed)  # identical initial weights on every rank
+        options = dict(cfg.reranker_options, device=str(self.device))
+        if latest is not None:
+            options["checkpoint"] = str(latest / "model")
+        elif cfg.checkpoint is not None:
+            options["checkpoint"] = cfg.checkpoint
+        else:
+            options["pretrained"] = False
+        reranker = create_reranker(cfg.reranker, **options)
+        if not isinstance(reranker, TrainableReranker):
+            raise TypeError(f"{cfg.reranker!r} is a {type(reranker).__name__}, not a TrainableReranker: it cannot be trained")
+        self.reranker = reranker
+        module = reranker.module
+        bad = sorted({str(p.dtype) for p in module.parameters() if p.dtype != torch.float32})
+        if bad:
+            raise ValueError(f"training keeps float32 master weights; {cfg.reranker!r} was built with {bad} parameters")
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(module, cfg.reranker)
+        module.train()
+        self.model = module
+        if ctx.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg, self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.sampler = ResumableSampler(self.dataset, ctx, cfg.seed)
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.best: Optional[dict] = None
+        # every rank draws its own stream (dropout, pair sampling), reproducibly
+        _seed_everything(cfg.seed * 1000 + ctx.rank, reranker)
+        if latest is not None:
+            self._restore(latest)
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.output_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+
+    def _latest_checkpoint(self) -> Optional[Path]:
+        pointer = self.output_dir / LATEST
+        if not pointer.is_file():
+            return None
+        folder = self.output_dir / pointer.read_text().strip()
+        if not (folder / "trainer.pt").is_file():
+            raise FileNotFoundError(f"{pointer} names {folder}, which holds no trainer.pt")
+        return folder
+
+    def _restore(self, folder: Path) -> None:
+        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+        if state["world_size"] != self.ctx.world_size or state["global_batch"] != self.global_batch:
+            raise ValueError(
+                f"{folder} was written by {state['world_size']} process(es) with global batch {state['global_batch']}; "
+                f"resume with the same world size and batch (now {self.ctx.world_size}, {self.global_batch})"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.best = state["best"]
+        _set_rng_state(self.reranker, state["rng"][self.ctx.rank])
+        self._log({"event": "resume", "checkpoint": str(folder), "step": self.step, "epoch": self.epoch})
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train until ``epochs`` (or ``max_steps``) are done; returns the last log record."""
+        self._setup()
+        cfg = self.config
+        stop = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
+        bar = tqdm(total=stop, initial=min(self.step, stop), desc=f"train {cfg.reranker}", unit="step",
+                   disable=not (cfg.progress and self.ctx.is_main))
+        record: dict = {}
+        saved_at = self.step
+        try:
+            while self.step < stop:
+                micro = self._micro_batches()
+                while self.step_in_epoch < self.steps_per_epoch and self.step < stop:
+                    started = time.perf_counter()
+                    loss = self._optimizer_step(micro)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    rate = self.global_batch / max(time.perf_counter() - started, 1e-9)
+                    lr = self.scheduler.get_last_lr()[0]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", lists_s=f"{rate:.1f}")
+                    record = {"event": "train", "step": self.step, "loss": loss, "lr": lr, "lists_per_s": rate,
+                              "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch}
+                    if self.step % cfg.log_every == 0 or self.step == stop:
+                        self._log(record)
+                    # the checkpoint at an epoch's last step is the one _end_epoch writes
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                        self._save()
+                        saved_at = self.step
+                if self.step_in_epoch == self.steps_per_epoch:
+                    record = self._end_epoch()
+                    saved_at = self.step
+            if saved_at != self.step:
+                self._save()
+            if self.step == self.total_steps and self.ctx.is_main:
+                _atomic_save_pretrained(self.reranker, self.output_dir / "final")
+            self.ctx.barrier()
+        finally:
+            bar.close()
+        return record
+
+    def _micro_batches(self):
+        """This rank's micro-batches for the rest of the current epoch."""
+        cfg = self.config
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.start = self.step_in_epoch * cfg.grad_accumulation * cfg.per_device_batch_size
+        self.dataset.set_epoch(self.epoch)  # before the loader starts its workers, which copy the dataset
+        # its own generator: starting a loader must not draw from the global RNG, which a resumed run
+        # restores from the checkpoint and must find exactly as the uninterrupted run left it
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.epoch)
+        loader = DataLoader(self.dataset, batch_size=cfg.per_device_batch_size, sampler=self.sampler,
+                            collate_fn=collate_lists, num_workers=cfg.num_workers, drop_last=True,
+                            pin_memory=self.device.type == "cuda", generator=generator)
+        return iter(loader)
+
+    def _optimizer_step(self, micro) -> float:
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        autocast = torch.autocast(self.device.type, dtype=resolve_dtype(cfg.precision), enabled=cfg.precision != "fp32")
+        for k in range(cfg.grad_accumulation):
+            queries, shortlists, labels = next(micro)
+            last = k == cfg.grad_accumulation - 1
+            sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.model.no_sync()
+            with sync:
+                with autocast:
+                    loss = self.reranker.training_loss(queries, shortlists, labels, module=self.model)
+                if loss.ndim != 0:
+                    raise ValueError(f"{cfg.reranker}: training_loss must return a scalar, got shape {tuple(loss.shape)}")
+                if cfg.precision != "fp16" and not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step + 1} (epoch {self.epoch})")
+                self.scaler.scale(loss.float() / cfg.grad_accumulation).backward()
+            total += loss.detach().float()
+        if cfg.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.reranker.module.parameters(), cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ctx.enabled:
+            dist.all_reduce(total)
+            total /= self.ctx.world_size
+        return total.item() / cfg.grad_accumulation
+
+    def _end_epoch(self) -> dict:
+        """Validate (rank 0), keep the best weights, move to the next epoch and checkpoint."""
+        record = {"event": "epoch", "step": self.step, "epoch": self.epoch + 1}
+        if self.validate is not None:
+            if self.ctx.is_main:
+                metrics = self._validate()
+                record.update(metrics)
+                name, value = next(iter(metrics.items()))
+                if self.best is None or value > self.best["value"]:
+                    self.best = {"metric": name, "value": value, "epoch": self.epoch + 1, "step": self.step}
+                    _atomic_save_pretrained(self.reranker, self.output_dir / "best", {"best": self.best})
+                record["best"] = self.best
+            self.ctx.barrier()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._log(record)
+        self._save()
+        return record
+
+    def _validate(self) -> dict:
+        module = self.reranker.module
+        module.eval()
+        try:
+            with torch.inference_mode():
+                metrics = self.validate(self.reranker)
+        finally:
+            module.train()
+        if not metrics:
+            raise ValueError("validation returned no metric")
+        return {k: float(v) for k, v in metrics.items()}
+
+    # -- checkpoints and logs -----------------------------------------------------------------
+
+    def _save(self) -> None:
+        """Write a checkpoint (rank 0 writes; every rank contributes its RNG state)."""
+        rng = _rng_state(self.reranker)
+        if self.ctx.enabled:
+            states = [None] * self.ctx.world_size
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        if self.ctx.is_main:
+            name = f"step-{self.step:08d}"
+            root = self.output_dir / CHECKPOINTS
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            self.reranker.save_pretrained(tmp / "model")
+            state = {
+                "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "world_size": self.ctx.world_size, "global_batch": self.global_batch,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "best": self.best, "rng": states,
+            }
+            torch.save(state, tmp / "trainer.pt")
+            _fsync_tree(tmp)
+            final = root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _atomic_write_text(self.output_dir / LATEST, f"{CHECKPOINTS}/{name}\n")
+            self._prune(root, keep=final)
+        self.ctx.barrier()
+
+    def _prune(self, root: Path, keep: Path) -> None:
+        done = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in done[: max(len(done) - self.config.keep_checkpoints, 0)]:
+            if old != keep:
+                shutil.rmtree(old)
+
+    def _log(self, record: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _enable_gradient_checkpointing(module: torch.nn.Module, name: str) -> None:
+    """Ask the module (or, for a wrapper, its outermost sub-modules that can) to checkpoint activations."""
+    owners = [module] if hasattr(module, "gradient_checkpointing_enable") else []
+    if not owners:
+        for child_name, child in module.named_modules():
+            if hasattr(child, "gradient_checkpointing_enable") and not any(
+                child_name.startswith(f"{o}.") for o in owners
+            ):
+                owners.append(child_name)
+        owners = [module.get_submodule(o) for o in owners]
+    if not owners:
+        raise ValueError(f"{name!r} does not support gradient checkpointing (no gradient_checkpointing_enable on its module)")
+    for owner in owners:
+        try:
+            owner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        except TypeError:
+            owner.gradient_checkpointing_enable()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _atomic_save_pretrained(reranker, folder: Path, extra: Optional[dict] = None) -> None:
+    """``save_pretrained`` into a temporary folder, then swap it in place of ``folder``."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    reranker.save_pretrained(tmp)
+    if extra is not None:
+        (tmp / "training.json").write_text(json.dumps(extra, indent=2))
+    _fsync_tree(tmp)
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
+    """The held-out evaluation run after every epoch; see ``[validation]`` in the recipes."""
+    raise NotImplementedError  # replaced once the evaluation helpers land
+
+
+def train(config: TrainConfig, dataset=None, validate: Optional[Callable] = None) -> dict:
+    """Run one training job (joining torchrun's process group when there is one)."""
+    return Trainer(config, dataset, validate).fit()
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a training recipe (.toml or .json), e.g. recipes/train_cpu_smoke.toml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key (dotted for tables: data.topk=50); repeatable")
+    parser.add_argument("--output-dir", help="where checkpoints and logs go (overrides the recipe)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (with a checkpoint)")
+
+
+def run_from_args(args) -> int:
+    overrides = list(args.overrides)
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    config = load_config(args.config, tuple(overrides))
+    try:
+        record = train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if Distributed.from_environment().is_main:
+        print(json.dumps(record))
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    """``locore-plugin train``: the same as ``python -m locore_plugin.training``."""
+    parser = subparsers.add_parser("train", help="train a re-ranker from a recipe (torchrun for several GPUs)")
+    add_arguments(parser)
+    parser.set_defaults(run=run_from_args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m locore_plugin.training", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The shared training loop, on a tiny re-ranker registered by this test module as a plugin."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from locore_plugin import ImageFeatures, create_reranker
+from locore_plugin.checkpoints import load_strict, read_state_dict
+from locore_plugin.hookspecs import hookimpl
+from locore_plugin.interface import ImageReranker, TrainableReranker, ranked
+from locore_plugin.plugins import load_plugins
+from locore_plugin.training import TrainConfig, Trainer, load_config, train
+from locore_plugin.training_data import TrainingLists
+
+DIM = 8
+
+
+class TinyModule(torch.nn.Module):
+    def __init__(self, dropout):
+        super().__init__()
+        self.proj = torch.nn.Linear(DIM, DIM)
+        self.drop = torch.nn.Dropout(dropout)  # so that RNG state matters for exact resume
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, q, g):  # q (B, D), g (B, K, D) -> logits (B, K)
+        q = self.drop(self.proj(q))
+        return self.scale * torch.einsum("bd,bkd->bk", q, self.proj(g))
+
+
+class TinyReranker(TrainableReranker):
+    """Bilinear score of global descriptors; loss = BCE per list, then mean over lists."""
+
+    def __init__(self, pretrained=True, checkpoint=None, dropout=0.2, device="cpu", dtype="fp32", batch_size=8, verbose=0):
+        torch_module = TinyModule(dropout)
+        if checkpoint is not None:
+            load_strict(torch_module, read_state_dict(Path(checkpoint) / "model.safetensors"), str(checkpoint))
+        elif pretrained:
+            raise ValueError("tiny has no pretrained weights")
+        self.device = torch.device(device)
+        self.module = torch_module.to(self.device)
+
+    def _inputs(self, queries, shortlists):
+        q = torch.as_tensor(np.stack([x.global_desc for x in queries]), device=self.device)
+        g = torch.as_tensor(np.stack([[x.global_desc for x in s] for s in shortlists]), device=self.device)
+        return q, g
+
+    def _rerank_many(self, queries, shortlists, global_scores):
+        with torch.inference_mode():
+            logits = self.module(*self._inputs(queries, shortlists))
+        return [ranked(row) for row in logits.cpu().numpy()]
+
+    def training_loss(self, queries, shortlists, labels, module=None):
+        logits = (module or self.module)(*self._inputs(queries, shortlists))
+        target = torch.as_tensor(np.stack(labels), device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean(1).mean()
+
+    def save_pretrained(self, directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in self.module.state_dict().items()}, str(Path(directory) / "model.safetensors"))
+
+
+class Untrainable(ImageReranker):
+    def __init__(self, pretrained=True, device="cpu"):
+        pass
+
+    def _rerank_many(self, queries, shortlists, global_scores):
+        return [ranked(np.zeros(len(s))) for s in shortlists]
+
+
+@hookimpl
+def register_rerankers(register):
+    register("test-tiny", TinyReranker, description="training tests only")
+    register("test-untrainable", Untrainable, description="training tests only")
+
+
+@pytest.fixture(autouse=True)
+def tiny_plugin():
+    pm = load_plugins()
+    pm.register(sys.modules[__name__], name="test-training-plugin")
+    yield
+    pm.unregister(name="test-training-plugin")
+
+
+def make_lists(n=48, landmarks=8, topk=6, seed=0) -> TrainingLists:
+    """Images of ``landmarks`` landmarks with noisy globals; neighbours by global similarity."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % landmarks
+    centres = rng.normal(size=(landmarks, DIM))
+    globals_ = centres[labels] + 1.2 * rng.normal(size=(n, DIM))
+    globals_ /= np.linalg.norm(globals_, axis=1, keepdims=True)
+    features = [ImageFeatures(global_desc=g) for g in globals_]
+    neighbours = np.argsort(-(globals_ @ globals_.T), axis=1)[:, : topk + 1]
+    return TrainingLists(features, neighbours, labels, topk=topk, seed=seed)
+
+
+def config(tmp_path, name="run", **overrides) -> TrainConfig:
+    values = dict(reranker="test-tiny", output_dir=str(tmp_path / name), data={}, epochs=2, per_device_batch_size=4,
+                  grad_accumulation=2, lr=1e-2, save_every=0, log_every=1, progress=False, device="cpu")
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def initial_weights(dropout=0.2) -> dict:
+    """What the trainer starts from: random weights drawn after seeding with the config's seed (0)."""
+    torch.manual_seed(0)
+    return {k: v.detach() for k, v in TinyReranker(pretrained=False, dropout=dropout).module.state_dict().items()}
+
+
+def weights(folder) -> dict:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_same(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_training_lowers_the_loss_and_writes_loadable_weights(tmp_path):
+    cfg = config(tmp_path, epochs=4)
+    train(cfg, make_lists())
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["event"] == "train"]
+    assert len(losses) == 4 * (48 // 8)
+    assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.05
+    assert {"lr", "lists_per_s", "step", "epoch"} <= set(log[0])
+    trained = create_reranker("test-tiny", checkpoint=str(tmp_path / "run" / "final"))
+    initial = weights(tmp_path / "run" / "final")
+    assert not torch.equal(initial["proj.weight"], TinyReranker(pretrained=False, dropout=0.0).module.proj.weight.detach())
+    assert_same({k: v.detach() for k, v in trained.module.state_dict().items()}, initial)
+
+
+def test_resume_after_a_stop_at_any_step_equals_an_uninterrupted_run(tmp_path):
+    lists = make_lists()
+    train(config(tmp_path, "full", save_every=1), lists)
+    # 6 steps per epoch: stop mid-epoch (4), at an epoch end (6), then again mid-epoch (9)
+    for stop in (4, 6, 9):
+        train(config(tmp_path, "stopped", save_every=1, max_steps=stop), lists)
+        assert (tmp_path / "stopped" / "latest").read_text().strip() == f"checkpoints/step-{stop:08d}"
+    (tmp_path / "stopped" / "checkpoints" / ".step-00000010.tmp").mkdir()  # a kill while writing leaves this
+    train(config(tmp_path, "stopped", save_every=1), lists)
+    assert_same(weights(tmp_path / "full" / "final"), weights(tmp_path / "stopped" / "final"))
+    resumes = [json.loads(l) for l in (tmp_path / "stopped" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumes if r["event"] == "resume"] == [4, 6, 9]
+
+
+def test_checkpoint_interval_resume_redoes_the_lost_steps(tmp_path):
+    """Killed after step 5 with checkpoints every 2 steps: the resume starts from step 4."""
+    lists = make_lists()
+    train(config(tmp_path, "full", save_every=2), lists)
+    train(config(tmp_path, "killed", save_every=2, max_steps=5), lists)
+    # simulate the kill: forget the checkpoint written at the stop (step 5)
+    (tmp_path / "killed" / "latest").write_text("checkpoints/step-00000004\n")
+    train(config(tmp_path, "killed", save_every=2), lists)
+    assert_same(weights(tmp_path / "full" / "final"), weights(tmp_path / "killed" / "final"))
+
+
+def _ddp_worker(rank, world, port, cfg_values, lists):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig.from_dict(cfg_values), lists)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    lists = make_lists()
+    # global batch 8 both ways: 1 x 4 x 2 and 2 processes x 2 x 2; no dropout, whose draws differ per rank
+    same = dict(grad_accumulation=2, global_batch_size=8, reranker_options={"dropout": 0.0})
+    train(config(tmp_path, "one", per_device_batch_size=4, **same), lists)
+    two = config(tmp_path, "two", per_device_batch_size=2, **same).to_dict()
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, _free_port(), two, lists), nprocs=2, start_method="fork")
+    assert_same(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"), atol=1e-5)
+    # and the run did change the weights (the comparison is not trivially true)
+    assert not torch.allclose(weights(tmp_path / "one" / "final")["proj.weight"], initial_weights(0.0)["proj.weight"], atol=1e-3)
+
+
+def test_validation_every_epoch_keeps_the_best_checkpoint(tmp_path):
+    seen = []
+
+    def validate(reranker):
+        seen.append(reranker.module.training)
+        return {"map": [0.5, 0.7, 0.6][len(seen) - 1], "other": 1.0}
+
+    train(config(tmp_path, epochs=3), make_lists(), validate)
+    assert seen == [False, False, False]  # validation runs in eval mode
+    best = json.loads((tmp_path / "run" / "best" / "training.json").read_text())["best"]
+    assert (best["metric"], best["value"], best["epoch"]) == ("map", 0.7, 2)
+    epochs = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["map"] for r in epochs if r["event"] == "epoch"] == [0.5, 0.7, 0.6]
+
+
+def test_bad_configurations_fail_clearly(tmp_path):
+    lists = make_lists()
+    with pytest.raises(ValueError, match="global_batch_size is 128"):
+        train(config(tmp_path, global_batch_size=128), lists)
+    with pytest.raises(TypeError, match="not a TrainableReranker"):
+        train(config(tmp_path, reranker="test-untrainable"), lists)
+    with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+        train(config(tmp_path, gradient_checkpointing=True), lists)
+    with pytest.raises(ValueError, match="do not fill one global batch"):
+        train(config(tmp_path, per_device_batch_size=40), lists)
+    with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA device"):
+        train(config(tmp_path, precision="fp16"), lists)
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"reranker": "x", "output_dir": "y", "data": {}, "learning_rate": 1})
+
+
+def test_resume_refuses_another_world_size_or_batch(tmp_path):
+    lists = make_lists()
+    train(config(tmp_path, max_steps=2), lists)
+    with pytest.raises(ValueError, match="same world size and batch"):
+        train(config(tmp_path, per_device_batch_size=2), lists)
+
+
+def test_recipe_files_and_overrides(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('reranker = "test-tiny"\noutput_dir = "out"\nlr = 5e-5\n[data]\ntopk = 100\n')
+    cfg = load_config(recipe, ("data.topk=50", "lr=1e-5", "output_dir=elsewhere", "max_steps=3"))
+    assert (cfg.data, cfg.lr, cfg.output_dir, cfg.max_steps) == ({"topk": 50}, 1e-5, "elsewhere", 3)
+    assert (cfg.weight_decay, cfg.schedule, cfg.epochs) == (0.0, "constant", 3)
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(recipe, ("lr",))
