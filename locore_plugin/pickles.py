@@ -62,9 +62,6 @@ def _allowed() -> dict[tuple[str, str], object]:
         allowed[(f"{package}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
         allowed[(f"{package}.multiarray", "scalar")] = core.multiarray.scalar
         allowed[(f"{package}.numeric", "_frombuffer")] = core.numeric._frombuffer
-    for name in np.sctypeDict.values():  # numpy dtype classes (numpy.dtypes.Float32DType, ...)
-        cls = type(np.dtype(name))
-        allowed[(cls.__module__, cls.__name__)] = cls
     return allowed
 
 
