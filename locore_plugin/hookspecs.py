@@ -12,5 +12,17 @@ def register_rerankers(register):
     Call ``register(name, factory, description=..., **metadata)`` once per name. ``factory(**kwargs)``
     returns an :class:`locore_plugin.ImageReranker`; it receives the user's keyword arguments
     (``device``, ``dtype``, ``batch_size``, ``verbose`` and method-specific ones such as
-    ``checkpoint``) and must reject those it does not know.
+    ``checkpoint``) and must reject those it does not know. The metadata ``extractor="<name>"``
+    names the feature extractor that ``rank()`` uses on raw images when the user names none.
+    """
+
+
+@hookspec
+def register_extractors(register):
+    """Register feature extractors: what turns a raw image into :class:`locore_plugin.ImageFeatures`.
+
+    Call ``register(name, factory, description=..., **metadata)`` once per name. ``factory(**kwargs)``
+    returns an :class:`locore_plugin.extractors.ImageExtractor`; like a re-ranker factory it
+    receives ``device``, ``dtype``, ``batch_size``, ``verbose`` and its own options, and rejects
+    the ones it does not know.
     """

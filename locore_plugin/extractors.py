@@ -1,0 +1,380 @@
+"""Features from raw images: the extractor registry, image loading, query crops and the feature cache.
+
+An extractor turns an image into :class:`ImageFeatures` (locals with ``xy``, ``scale``,
+``weight`` and a mask, plus a global descriptor). Plugins register extractors through the
+``register_extractors`` hook; :func:`create_extractor` builds one by name. Every extractor shares
+the machinery here: images come from a path, base64 text, encoded bytes, a rerankers image
+``Document``, a PIL image or a numpy array; a query's bounding box crops the image before
+extraction and its local positions are mapped back to the full image (as the official
+``fix_query_pos`` does); features are cached per image content so that repeated queries do not
+re-extract.
+"""
+from __future__ import annotations
+
+import abc
+import base64
+import binascii
+import difflib
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from .features import ImageFeatures
+from .plugins import load_plugins, plugin_distribution
+
+BBox = Sequence[float]
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class ExtractorEntry:
+    name: str
+    factory: Callable[..., "ImageExtractor"]
+    plugin: str
+    distribution: str
+    description: str = ""
+    metadata: dict = field(default_factory=dict)
+
+
+class UnknownExtractorError(KeyError):
+    """No plugin registers this extractor name."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+def registered_extractors() -> dict[str, ExtractorEntry]:
+    """Every registered extractor, asked afresh from the plugins (registration is cheap)."""
+    pm = load_plugins()
+    entries: dict[str, ExtractorEntry] = {}
+    for impl in pm.hook.register_extractors.get_hookimpls():
+        distribution = plugin_distribution(impl.plugin)
+
+        def register(name, factory, description="", _plugin=impl.plugin_name, _dist=distribution, **metadata):
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"plugin {_plugin!r}: invalid extractor name {name!r}")
+            if not callable(factory):
+                raise TypeError(f"plugin {_plugin!r}: the factory for extractor {name!r} is not callable")
+            if name in entries:
+                raise ValueError(
+                    f"extractor name {name!r} is registered twice: by {entries[name].plugin!r} and by {_plugin!r}"
+                )
+            entries[name] = ExtractorEntry(name, factory, _plugin, _dist, description, metadata)
+
+        impl.function(register=register)
+    return entries
+
+
+def list_extractors() -> list[ExtractorEntry]:
+    """The registered extractors, sorted by name; each says which plugin and distribution provides it."""
+    return sorted(registered_extractors().values(), key=lambda e: e.name)
+
+
+def create_extractor(
+    name: str, cache_dir: Union[str, Path, None] = None, cache_size: int = 1024, **kwargs
+) -> "ImageExtractor":
+    """Build the extractor registered as ``name`` with ``kwargs`` passed to its factory.
+
+    ``cache_size`` images' features stay in memory (least recently used dropped first);
+    ``cache_dir`` also keeps them on disk, keyed by the extractor's settings and the image content.
+    """
+    entries = registered_extractors()
+    if name not in entries:
+        close = difflib.get_close_matches(str(name), entries, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownExtractorError(f"unknown extractor {name!r}.{hint} Registered: {', '.join(sorted(entries))}")
+    extractor = entries[name].factory(**kwargs)
+    if not isinstance(extractor, ImageExtractor):
+        raise TypeError(f"the factory of extractor {name!r} returned {type(extractor).__name__}, not an ImageExtractor")
+    extractor.name = name
+    extractor.cache = FeatureCache(cache_size, cache_dir)
+    return extractor
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """Decoded pixels (H, W, 3) uint8 RGB and a key that identifies the content (SHA-1)."""
+
+    pixels: np.ndarray
+    key: str
+
+
+def image_key(source) -> str:
+    """The content key of an image without decoding it (the SHA-1 of the file or array bytes)."""
+    kind, payload = _resolve(source)
+    if kind == "array":
+        return _array_key(payload)
+    return hashlib.sha1(payload).hexdigest()
+
+
+def load_image(source) -> LoadedImage:
+    """Decode an image given as a path, base64 text (a data URI too), encoded bytes, an image
+    ``Document`` (``image_path`` or ``base64``), a PIL image or an (H, W[, 3]) uint8 RGB array.
+
+    Files are decoded with OpenCV, as the official extraction scripts read them.
+    """
+    kind, payload = _resolve(source)
+    if kind == "array":
+        return LoadedImage(payload, _array_key(payload))
+    import cv2
+
+    bgr = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"could not decode an image from {_describe(source)}")
+    return LoadedImage(np.ascontiguousarray(bgr[:, :, ::-1]), hashlib.sha1(payload).hexdigest())
+
+
+def _resolve(source) -> tuple[str, Any]:
+    """('bytes', encoded file bytes) or ('array', RGB uint8 pixels)."""
+    from rerankers.documents import Document
+
+    if isinstance(source, Document):
+        if source.document_type != "image":
+            raise ValueError(f"Document {source.doc_id!r} is a {source.document_type!r} document, not an image")
+        if source.image_path:
+            return _resolve(Path(source.image_path))
+        if source.base64:
+            return "bytes", _decode_base64(source.base64, f"Document {source.doc_id!r}")
+        raise ValueError(f"image Document {source.doc_id!r} has neither image_path nor base64 (nor features)")
+    if isinstance(source, Path):
+        if not source.is_file():
+            raise FileNotFoundError(f"image not found: {source}")
+        return "bytes", source.read_bytes()
+    if isinstance(source, str):
+        if os.path.isfile(source):
+            return "bytes", Path(source).read_bytes()
+        try:
+            return "bytes", _decode_base64(source, "the string")
+        except ValueError:
+            raise FileNotFoundError(f"{_describe(source)} is neither an image file nor base64 image data") from None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "bytes", bytes(source)
+    if isinstance(source, np.ndarray):
+        return "array", _rgb_array(source)
+    if type(source).__module__.startswith("PIL."):
+        return "array", _rgb_array(np.asarray(source.convert("RGB")))
+    raise TypeError(
+        "an image must be a path, base64 text, encoded bytes, an image Document, a PIL image or a numpy "
+        f"array, got {type(source).__name__}"
+    )
+
+
+def _decode_base64(text: str, what: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what} is not valid base64") from None
+    if not data:
+        raise ValueError(f"{what} is empty base64")
+    return data
+
+
+def _rgb_array(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 (0..255), got dtype {array.dtype}")
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image arrays must have shape (H, W) or (H, W, 3) RGB, got {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image array is empty: {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def _array_key(array: np.ndarray) -> str:
+    digest = hashlib.sha1(repr(array.shape).encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _describe(source) -> str:
+    text = str(source)
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def crop_box(height: int, width: int, bbox: BBox) -> tuple[int, int, int, int]:
+    """Pixel bounds ``(x0, y0, x1, y1)`` of a box ``[x0, y0, x1, y1]``, truncated to integers and
+    clipped to the image, as the official scripts crop (``img[int(y0):int(y1), int(x0):int(x1)]``)."""
+    values = np.asarray(bbox, dtype=np.float64)
+    if values.shape != (4,) or not np.isfinite(values).all():
+        raise ValueError(f"a bounding box is [x0, y0, x1, y1], got {bbox!r}")
+    x0, y0, x1, y1 = (int(v) for v in values)
+    x0, x1 = max(x0, 0), min(x1, width)
+    y0, y1 = max(y0, 0), min(y1, height)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"bounding box {list(bbox)} leaves nothing of a {width}x{height} image")
+    return x0, y0, x1, y1
+
+
+@dataclass(frozen=True, eq=False)
+class Crop:
+    """What an extractor sees: the (cropped) pixels, RGB uint8, and the size (H, W) of the full
+    image they come from (the official scripts choose the resize factor from the full image)."""
+
+    pixels: np.ndarray
+    full_size: tuple[int, int]
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+
+
+class FeatureCache:
+    """Features by (image content, bbox): the ``size`` most recently used in memory, and all of
+    them in ``directory`` (one ``.npz`` per image) when it is given."""
+
+    def __init__(self, size: int = 1024, directory: Union[str, Path, None] = None):
+        if size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {size}")
+        self.size = int(size)
+        self.directory = None if directory is None else Path(directory)
+        self._memory: OrderedDict[tuple, ImageFeatures] = OrderedDict()
+
+    def get(self, identity: str, key: tuple) -> Optional[ImageFeatures]:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        path = self._path(identity, key)
+        if path is None or not path.is_file():
+            return None
+        with np.load(path) as stored:
+            features = ImageFeatures(**{name: stored[name] for name in stored.files})
+        self._remember(key, features)
+        return features
+
+    def put(self, identity: str, key: tuple, features: ImageFeatures) -> None:
+        self._remember(key, features)
+        path = self._path(identity, key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f.name: getattr(features, f.name) for f in fields(features) if getattr(features, f.name) is not None}
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as handle:  # write then rename: a crash never leaves a truncated entry
+            np.savez(handle, **arrays)
+        os.replace(partial, path)
+
+    def _remember(self, key, features) -> None:
+        if self.size == 0:
+            return
+        self._memory[key] = features
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.size:
+            self._memory.popitem(last=False)
+
+    def _path(self, identity: str, key: tuple) -> Optional[Path]:
+        if self.directory is None:
+            return None
+        content, bbox = key
+        suffix = "" if bbox is None else "_" + "_".join(str(v) for v in bbox)
+        return self.directory / identity / f"{content}{suffix}.npz"
+
+
+# --------------------------------------------------------------------------------------------
+# Extractor base
+
+
+class ImageExtractor(abc.ABC):
+    """Turns images into :class:`ImageFeatures`.
+
+    Subclasses implement :meth:`_extract_batch` on :class:`Crop` objects, returning ``xy``
+    normalised by the crop's size (x = column / width, y = row / height), and :attr:`settings`
+    (everything that changes the output: the cache key). The public methods load images, crop
+    queries to their bounding box, map positions back to the full image and use the cache.
+    """
+
+    name: str = ""
+    batch_size: int = 1
+    verbose: int = 0
+    cache: Optional[FeatureCache] = None
+
+    @property
+    @abc.abstractmethod
+    def settings(self) -> dict:
+        """JSON-serialisable description of the extractor's output (model files, sizes, top-k)."""
+
+    @abc.abstractmethod
+    def _extract_batch(self, crops: list[Crop]) -> list[ImageFeatures]:
+        """Features of each crop, positions normalised by the crop's own size."""
+
+    @property
+    def identity(self) -> str:
+        """A short, stable name for these settings: the folder of the on-disk cache."""
+        text = json.dumps({"name": self.name, **self.settings}, sort_keys=True, default=str)
+        return f"{self.name or type(self).__name__}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+
+    def extract(self, image, bbox: Optional[BBox] = None) -> ImageFeatures:
+        """Features of one image; with ``bbox`` [x0, y0, x1, y1] (pixels), of that crop, with
+        positions in the full image's frame."""
+        return self.extract_many([image], None if bbox is None else [bbox])[0]
+
+    def extract_many(self, images: Sequence, bboxes: Optional[Sequence[Optional[BBox]]] = None) -> list[ImageFeatures]:
+        """Features of several images (``bboxes``: one box or None per image), cached ones reused,
+        the others extracted ``batch_size`` at a time."""
+        images = list(images)
+        if not images:
+            raise ValueError("no images to extract features from")
+        if bboxes is not None and len(bboxes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(bboxes)} bounding boxes")
+        if self.cache is None:
+            self.cache = FeatureCache()
+        identity = self.identity
+        out: list[Optional[ImageFeatures]] = [None] * len(images)
+        pending = []
+        for i, source in enumerate(images):
+            box = None if bboxes is None or bboxes[i] is None else tuple(float(v) for v in bboxes[i])
+            key = (image_key(source), box)
+            out[i] = self.cache.get(identity, key)
+            if out[i] is None:
+                pending.append((i, key))
+        progress = _progress(len(pending), self.verbose, f"extract {self.name}")
+        for start in range(0, len(pending), max(self.batch_size, 1)):
+            chunk = pending[start : start + max(self.batch_size, 1)]
+            crops, frames = zip(*(_crop(load_image(images[i]), key[1]) for i, key in chunk))
+            for (i, key), frame, features in zip(chunk, frames, self._extract_batch(list(crops))):
+                out[i] = _to_full_frame(features, *frame)
+                self.cache.put(identity, key, out[i])
+            progress.update(len(chunk))
+        progress.close()
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def _crop(image: LoadedImage, bbox) -> tuple[Crop, tuple]:
+    height, width = image.pixels.shape[:2]
+    if bbox is None:
+        return Crop(image.pixels, (height, width)), (0, 0, width, height, width, height)
+    x0, y0, x1, y1 = crop_box(height, width, bbox)
+    return Crop(np.ascontiguousarray(image.pixels[y0:y1, x0:x1]), (height, width)), (x0, y0, x1, y1, width, height)
+
+
+def _to_full_frame(features: ImageFeatures, x0, y0, x1, y1, width, height) -> ImageFeatures:
+    """Positions normalised by a crop -> normalised by the full image (the official ``fix_query_pos``)."""
+    if features.xy is None or (x0, y0, x1, y1) == (0, 0, width, height):
+        return features
+    xy = (features.xy * np.float32([x1 - x0, y1 - y0]) + np.float32([x0, y0])) / np.float32([width, height])
+    values = {f.name: getattr(features, f.name) for f in fields(features)}
+    return ImageFeatures(**{**values, "xy": np.where(features.mask[:, None], xy, 0.0)})
+
+
+def _progress(total: int, verbose: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, disable=not verbose or total == 0, unit="image")
