@@ -89,6 +89,22 @@ class LocoreConfig:
     def tokens_per_image(self, num_locals: int) -> int:
         return num_locals + 1 + int(self.use_global)
 
+    def padded_length(self, num_images: int, num_locals: int) -> int:
+        """Sequence length after right-padding to a multiple of the largest attention window."""
+        window = max(self.attention_window)
+        return -(-num_images * self.tokens_per_image(num_locals) // window) * window
+
+    def check_context(self, num_gallery: int, num_locals: int) -> None:
+        """The (1 + K) * (L + 2) tokens, window-padded, must fit the position table."""
+        padded = self.padded_length(1 + num_gallery, num_locals)
+        if padded > self.context:
+            per_image = self.tokens_per_image(num_locals)
+            raise ValueError(
+                f"context budget exceeded: (1 + {num_gallery} images) x {per_image} tokens = {(1 + num_gallery) * per_image}, "
+                f"padded to {padded} (a multiple of the attention window {max(self.attention_window)}), but the model has "
+                f"{self.context} positions; lower the window or num_locals"
+            )
+
     def longformer_config(self) -> LongformerConfig:
         # vocab_size 3: the word embeddings only exist long enough to seed sep/pad_embedding.
         return LongformerConfig(
@@ -169,23 +185,6 @@ class LocoreModel(nn.Module):
             layer.attention.self = ATTENTION_IMPLEMENTATIONS[name](layer.attention.self)
         self.attn_implementation = name
 
-    def padded_length(self, num_images: int, num_locals: int) -> int:
-        """Sequence length after right-padding to a multiple of the largest attention window."""
-        window = max(self.config.attention_window)
-        tokens = num_images * self.config.tokens_per_image(num_locals)
-        return -(-tokens // window) * window
-
-    def check_context(self, num_gallery: int, num_locals: int) -> None:
-        """The (1 + K) * (L + 2) tokens, window-padded, must fit the position table."""
-        padded = self.padded_length(1 + num_gallery, num_locals)
-        if padded > self.config.context:
-            tokens = (1 + num_gallery) * self.config.tokens_per_image(num_locals)
-            raise ValueError(
-                f"context budget exceeded: (1 + {num_gallery} images) x {self.config.tokens_per_image(num_locals)} tokens "
-                f"= {tokens}, padded to {padded} (a multiple of the attention window {max(self.config.attention_window)}), "
-                f"but the model has {self.config.context} positions; lower the window or num_locals"
-            )
-
     def build_inputs(self, query_local, query_scale, query_mask, gallery_local, gallery_scale, gallery_mask,
                      query_global=None, gallery_global=None):
         """The Longformer's input: embeddings, attention mask (0 masked / 1 local / 2 global) and position ids.
@@ -196,7 +195,7 @@ class LocoreModel(nn.Module):
         positions and window slots, as in the official model) but are never attended to.
         """
         batch, num_gallery, num_locals, _ = gallery_local.shape
-        self.check_context(num_gallery, num_locals)
+        self.config.check_context(num_gallery, num_locals)
         local = self.local_to_lm(torch.cat([query_local[:, None], gallery_local], 1))
         local = local + self.scale_encoder(torch.cat([query_scale[:, None], gallery_scale], 1))
         backbone = self.language_model.longformer
@@ -216,7 +215,7 @@ class LocoreModel(nn.Module):
         mask = (attend * (is_global + 1)).flatten(1)  # padded query descriptors are neither attended nor global
         embeds = tokens.flatten(1, 2)
         length = embeds.shape[1]
-        padded = self.padded_length(1 + num_gallery, num_locals)
+        padded = self.config.padded_length(1 + num_gallery, num_locals)
         embeds = torch.cat([embeds, backbone.pad_embedding.expand(batch, padded - length, -1)], 1)
         mask = nn.functional.pad(mask, (0, padded - length))
         positions = torch.arange(_PAD_ID + 1, _PAD_ID + 1 + padded, device=embeds.device).expand(batch, -1)
@@ -305,11 +304,13 @@ class LocoreReranker(TrainableReranker):
         config = config or LocoreConfig.variant(variant)
         if use_global is not None:
             config = replace(config, use_global=bool(use_global))
+        if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attn_implementation {attn_implementation!r}; use one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
         self.config = config
         self.module = LocoreModel(config, attn_implementation)
         if state is not None:
             load_strict(self.module, state, f"LoCoRE checkpoint {checkpoint}")
-        self.module.check_context(self.window, self.num_locals)
+        config.check_context(self.window, self.num_locals)
         self.module.to(self.device, self.dtype).eval()
 
     # ---- input -----------------------------------------------------------------------------------------
@@ -409,7 +410,7 @@ class LocoreReranker(TrainableReranker):
                 items.append((query, gallery, torch.arange(len(shortlists[i]), device=self.device)))
             logits = module(**self._batch(items))
             target = token_labels(torch.as_tensor(np.stack([labels[i] for i in members]), device=self.device), per_image)
-            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
+            loss = nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), target.flatten(), reduction="sum")
             total = loss if total is None else total + loss
             count += int((target != -100).sum())
         return total / count
