@@ -92,24 +92,27 @@ def check_junk_mode(junk: str) -> str:
 def prepare_ranking(ranking: np.ndarray, gnd: Sequence[Mapping], protocol: Protocol, junk: str):
     """Apply the protocol's shortlist rule to global rankings.
 
-    ``ranking`` [nq, n]: each row one query's gallery indices, best first. Returns the new
-    ranking (images that leave the shortlist moved, in order, behind the others) and the number
-    of images per query that may still be shortlisted.
+    ``ranking`` [nq, n]: each row one query's gallery indices, best first. Returns ``order``
+    [nq, n], the positions that reorder each row (``np.take_along_axis(ranking, order, 1)``, and
+    any array aligned with ``ranking`` likewise) so that images leaving the shortlist come, in
+    their order, behind the others, and the number of images per query that may still be
+    shortlisted.
     """
     ranking = np.asarray(ranking)
     if ranking.ndim != 2 or ranking.shape[0] != len(gnd):
         raise ValueError(f"ranking must have shape [{len(gnd)} queries, n], got {ranking.shape}")
     keys = protocol.removed_keys(junk)
-    out = ranking.copy()
-    kept = np.full(len(gnd), ranking.shape[1], dtype=np.int64)
+    n = ranking.shape[1]
+    order = np.broadcast_to(np.arange(n), ranking.shape).copy()
+    kept = np.full(len(gnd), n, dtype=np.int64)
     if not keys:
-        return out, kept
+        return order, kept
     for q, entry in enumerate(gnd):
         missing = [k for k in keys if k not in entry]
         if missing:
             raise KeyError(f"gnd entry {q} lacks {missing}, which protocol {protocol.name!r} with junk={junk!r} needs")
         removed = np.concatenate([np.asarray(entry[k], dtype=np.int64).ravel() for k in keys])
         leaves = np.isin(ranking[q], removed)
-        kept[q] = ranking.shape[1] - int(leaves.sum())
-        out[q] = np.concatenate([ranking[q][~leaves], ranking[q][leaves]])
-    return out, kept
+        kept[q] = n - int(leaves.sum())
+        order[q] = np.argsort(leaves, kind="stable")
+    return order, kept
