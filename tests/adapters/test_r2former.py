@@ -128,21 +128,19 @@ def test_reranker_scores_are_official_probabilities_and_final_scores(golden_case
     """Through ImageFeatures, padded to a longer length, several queries in one forward: the scores
     are the official softmax[:, 1]; fusion="official" gives the official final_score. Pairs whose
     attention is not max-normalised (as the official extractor writes it) are left to the module tests."""
-    inputs, outputs = np.load(golden_case / "inputs.npz"), np.load(golden_case / "outputs.npz")
-    x, y = inputs["x_rerank"], inputs["y_rerank"]
-    pairs = [i for i in range(len(x)) if x[i, :, 2].max() == 1 and y[i, :, 2].max() == 1]
-    assert pairs
     rng = np.random.default_rng(0)
-    queries = [features(x[i], inputs["x_global"][i], pad=3, rng=rng) for i in pairs]
-    shortlists = [[features(y[i], inputs["y_global"][i])] for i in pairs]
     options = {"checkpoint": golden_case / "weights.safetensors", "config": case_config(golden_case)}
-    length = x.shape[1] + 8
-    plain = create_reranker("r2former", query_length=length, gallery_length=length, **options)
-    scores = np.concatenate([r.scores for r in plain.rerank_many(queries, shortlists)])
-    np.testing.assert_allclose(scores, outputs["prob_same"][pairs], atol=1e-5, rtol=0)
-    fused = create_reranker("r2former", query_length=length, gallery_length=length, fusion="official", **options)
-    scores = np.concatenate([r.scores for r in fused.rerank_many(queries, shortlists)])
-    np.testing.assert_allclose(scores, outputs["final_score"][pairs], atol=1e-5, rtol=0)
+    for inputs, outputs in inputs_and_outputs(golden_case):
+        x, y = inputs["x_rerank"], inputs["y_rerank"]
+        pairs = [i for i in range(len(x)) if x[i, :, 2].max() == 1 and y[i, :, 2].max() == 1]
+        assert pairs
+        queries = [features(x[i], inputs["x_global"][i], pad=3, rng=rng) for i in pairs]
+        shortlists = [[features(y[i], inputs["y_global"][i])] for i in pairs]
+        length = x.shape[1] + 4
+        for fusion, expected in ((None, "prob_same"), ("official", "final_score")):
+            reranker = create_reranker("r2former", query_length=length, gallery_length=length, fusion=fusion, **options)
+            scores = np.concatenate([r.scores for r in reranker.rerank_many(queries, shortlists)])
+            np.testing.assert_allclose(scores, outputs[expected][pairs], atol=1e-5, rtol=0, err_msg=expected)
 
 
 @pytest.mark.golden("r2former")
@@ -301,6 +299,16 @@ def test_weight_is_max_normalised_per_image():
     scaled = ImageFeatures(local=item.local, xy=item.xy, weight=item.weight * 7.5)
     reranker = tiny_reranker()
     np.testing.assert_allclose(reranker.rerank(query, [item]).scores, reranker.rerank(query, [scaled]).scores, atol=1e-6)
+
+
+def test_top_k_rescores_only_the_head(data):
+    queries, shortlists = data
+    full = tiny_reranker().rerank(queries[1], shortlists[1][:2]).scores
+    result = tiny_reranker(top_k=2).rerank(queries[1], shortlists[1], global_scores=np.arange(6, dtype=np.float32))
+    np.testing.assert_allclose(result.scores[:2], full, atol=1e-6)
+    np.testing.assert_array_equal(result.scores[2:], [2, 3, 4, 5])
+    np.testing.assert_array_equal(result.order[2:], [2, 3, 4, 5])
+    np.testing.assert_array_equal(result.order[:2], np.argsort(-full, kind="stable"))
 
 
 def test_fusion_options(data):
