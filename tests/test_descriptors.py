@@ -31,8 +31,7 @@ def _images(rng, n, max_locals=7):
 
 def _expected_rows(f, topk):
     """The rows a writer must keep: the strongest ``topk`` by weight, in their original order."""
-    keep = np.sort(np.argsort(-f.weight, kind="stable")[:topk])
-    return keep
+    return np.sort(np.argsort(-f.weight, kind="stable")[:topk])
 
 
 @pytest.mark.parametrize("layout", ["flat", "structured"])
@@ -238,8 +237,8 @@ def test_writer_is_atomic_and_checks_counts(tmp_path):
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="dimension"):
-        write_descriptors(tmp_path, "w", "query", images + _images(np.random.default_rng(3), 1)[:0] +
-                          [ImageFeatures(global_desc=np.ones(D_GLOBAL + 1), local=np.ones((1, D_LOCAL)))])
+        write_descriptors(tmp_path, "w", "query",
+                          images + [ImageFeatures(global_desc=np.ones(D_GLOBAL + 1), local=np.ones((1, D_LOCAL)))])
     with DescriptorWriter(tmp_path, "w", "gallery", 3, TOPK, global_dim=D_GLOBAL) as writer:  # globals only
         writer.append(images[:1])
         writer.append(images[1:])
