@@ -30,9 +30,9 @@ def window_starts(length: int, window: int, stride: int, order: str = "end-to-st
     """Start positions of the windows over ``length`` candidates, in the order they are scored.
 
     The official ``range(S - K, -stride, -stride)``; a list shorter than the window is one window.
-    Where ``S - K`` is not a multiple of ``stride`` the official range stops above 0 and never
-    re-scores the top candidates; here a final window at 0 is added so that every candidate is
-    scored. ``start-to-end`` is the same windows in reverse order (the official
+    Where ``S - K`` is not a multiple of ``stride`` the official range ends with a negative start
+    (an empty or wrapped slice); here the starts stop above 0 and a final window at 0 is added so
+    that the top candidates are scored too. ``start-to-end`` is the same windows in reverse order (the official
     ``range(0, S - stride, stride)`` whenever ``window = 2 * stride``, as in every official setting).
     """
     if window < 1 or stride < 1:
@@ -41,7 +41,7 @@ def window_starts(length: int, window: int, stride: int, order: str = "end-to-st
         raise ValueError(f"unknown sliding order {order!r}; use one of {ORDERS}")
     if length < 1:
         raise ValueError("cannot slide a window over an empty list")
-    starts = list(range(max(length - window, 0), -stride, -stride))
+    starts = list(range(max(length - window, 0), -1, -stride))
     if starts[-1] != 0:
         starts.append(0)
     return starts if order == "end-to-start" else starts[::-1]
