@@ -34,7 +34,7 @@ class R2FormerConfig:
     """Architecture hyper-parameters (the official values are the defaults).
 
     ``num_patches`` only sizes ``decoder_pos_embed``, a parameter the official forward never
-    uses but every official checkpoint holds (``2 * num_local``; 1000 for the released models).
+    uses but every official checkpoint holds (``2 * num_local``; 1000 with the official num_local=500).
     ``global_dim`` is the official ``input_dim``: recorded, unused by the logits.
     """
 
