@@ -4,17 +4,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Union
 
+import numpy as np
 import torch
 
 PathLike = Union[str, Path]
+
+_multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+# Pickles name these under numpy.core (numpy 1) or numpy._core (numpy 2): allow both spellings.
+_NUMPY_GLOBALS = [
+    *((getattr(_multiarray.multiarray, f), f"numpy.{core}.multiarray.{f}") for f in ("_reconstruct", "scalar") for core in ("core", "_core")),
+    np.ndarray,
+    np.dtype,
+    *(type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")),
+]
 
 
 def read_state_dict(path: PathLike, strip_prefixes: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file with their own key names.
 
     ``.safetensors`` files are read with safetensors; anything else with
-    ``torch.load(weights_only=True)``, unwrapping the official ``{'state': ...}`` (AMES, RRT) and
-    ``{'state_dict': ...}`` / ``{'model': ...}`` containers. A key prefix in ``strip_prefixes``
+    ``torch.load(weights_only=True)`` (numpy arrays and scalars allowed, as training scripts store
+    metrics beside the weights), unwrapping the official ``{'state': ...}`` (AMES, RRT),
+    ``{'model_state_dict': ...}`` (R2Former) and ``{'state_dict': ...}`` / ``{'model': ...}`` containers. A key prefix in ``strip_prefixes``
     (e.g. R2Former's ``Reranker.``) is removed where every key carries it.
     """
     path = Path(path)
@@ -25,8 +36,9 @@ def read_state_dict(path: PathLike, strip_prefixes: Iterable[str] = ()) -> dict[
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for container in ("state", "state_dict", "model"):
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        for container in ("state", "model_state_dict", "state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(container), dict):
                 state = state[container]
                 break

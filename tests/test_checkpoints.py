@@ -45,3 +45,11 @@ def test_load_strict_loads_values():
     source, target = tiny(), tiny()
     load_strict(target, source.state_dict())
     assert torch.equal(target[0].weight, source[0].weight)
+
+
+def test_reads_training_checkpoints_with_numpy_metrics(tmp_path):
+    """R2Former's util.save_checkpoint stores the weights under model_state_dict beside numpy recalls."""
+    state = tiny().state_dict()
+    torch.save({"epoch_num": 3, "model_state_dict": state, "recalls": np.array([0.5, 0.7]), "best": np.float64(0.7)}, tmp_path / "best.pth")
+    loaded = read_state_dict(tmp_path / "best.pth")
+    assert loaded.keys() == state.keys()
