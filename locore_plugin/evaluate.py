@@ -30,11 +30,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .metrics import compute_map
-from .protocols import JUNK_MODES, Protocol, check_junk_mode, parse_protocols, prepare_ranking
+from .protocols import JUNK_MODES, Protocol, check_junk_mode, get_protocol, parse_protocols, prepare_ranking
 
 GLOBAL_ROW = "global"
 KAPPAS = (1, 5, 10)
-SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "roxford5k+1m": "ROxf+1M", "rparis6k+1m": "RPar+1M"}
+SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "roxford5k+1m": "ROxf+1M", "rparis6k+1m": "RPar+1M",
+               "synthetic": "Synth"}
 
 
 class EvaluationError(RuntimeError):
@@ -126,7 +127,7 @@ class EvalData:
     ImageFeatures per query; ``gallery(ids)``: the ImageFeatures of gallery images ``ids``, read
     lazily; ``ranking`` [nq, n]: the global ranking (full gallery, or the top-K shortlist for the
     truncated metric) and ``scores`` [nq, n] the global similarities aligned with it, which the
-    re-rankers receive; ``fingerprint`` changes when the files change (part of the cache key).
+    re-rankers receive.
     """
 
     name: str
@@ -135,7 +136,6 @@ class EvalData:
     gallery: object
     ranking: np.ndarray
     scores: np.ndarray
-    fingerprint: str = ""
 
 
 def global_similarities(query_global, gallery_global) -> np.ndarray:
@@ -201,13 +201,8 @@ def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Op
     else:
         sims = global_similarities(data.queries.globals(np.arange(len(data.queries))), data.gallery)
         ranking, scores = full_ranking(sims, data.shortlist(nn=nn) if nn else None)
-    files = sorted(p for p in (Path(data.root) / base).glob("*") if p.is_file())
-    if plus1m:
-        files += sorted(p for p in (Path(data.root) / "revisitop1m").glob(f"{desc}_*") if p.is_file())
-    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if not p.name.startswith(".")]
     return EvalData(
-        dataset, data.gnd, data.queries.features(np.arange(len(data.queries))), data.gallery.features,
-        ranking, scores, fingerprint=hashlib.sha256(repr(stamp).encode()).hexdigest()[:16],
+        dataset, data.gnd, data.queries.features(np.arange(len(data.queries))), data.gallery.features, ranking, scores
     )
 
 
@@ -272,3 +267,482 @@ class DatasetEvaluation:
             for p in members:
                 out[p.name] = score_ranking(final, self.data.gnd, p, self.metric, self.kappas)
         return out
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _path_stamp(value):
+    """Options that name existing files or folders (checkpoints) enter the cache key with their
+    sizes and modification times, so a retrained checkpoint is re-evaluated."""
+    if isinstance(value, dict):
+        return {k: _path_stamp(v) for k, v in sorted(value.items())}
+    if isinstance(value, str) and value and os.path.exists(value):
+        path = Path(value)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return [value, [(str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+    return value
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def dataset_fingerprint(root: Path, dataset: str, desc: str) -> str:
+    """Sizes and modification times of the dataset's files: a changed file means a new cache entry."""
+    base = dataset[: -len("+1m")] if dataset.endswith("+1m") else dataset
+    files = [p for p in (root / base).glob("*") if p.is_file() and not p.name.startswith(".")]
+    if dataset.endswith("+1m"):
+        files += [p for p in (root / "revisitop1m").glob(f"{desc}_*") if p.is_file()]
+        files += [p for p in (root / dataset).glob("nn_*.pkl") if p.is_file()]
+    stamp = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(files)]
+    return hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class ResultCache:
+    """One JSON file per (method, dataset, settings): written atomically, read back on resume."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.folder / _slug(key["dataset"]) / f"{_slug(key['row'])}-{digest}.json"
+
+    def get(self, key: dict) -> Optional[dict]:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        entry = json.loads(path.read_text())
+        return entry["scores"] if entry.get("key") == _jsonable(key) else None
+
+    def put(self, key: dict, scores: dict) -> None:
+        write_atomic(self.path(key), json.dumps({"key": key, "scores": scores}))
+
+
+def _settings(config: EvalConfig) -> dict:
+    return {
+        "protocols": [p.name for p in parse_protocols(config.protocols)], "junk": config.junk,
+        "top_k": config.top_k, "metric": config.metric, "depth": config.depth, "desc": config.desc,
+        "nn": config.nn, "kappas": list(KAPPAS),
+    }
+
+
+def run(config: EvalConfig, log=print) -> dict:
+    """Evaluate every method on every dataset (cached), write the tables and plots, return the results.
+
+    Returns ``{"settings": ..., "results": {row: {dataset: {protocol: {mAP, mP@k, aps}}}}}``.
+    """
+    from .registry import create_reranker
+
+    config.validate()
+    root = resolve_data_root(config.data_root)
+    out = Path(config.out)
+    cache = ResultCache(out / "cache")
+    settings = _settings(config)
+    rows = [MethodSpec(GLOBAL_ROW)] + list(config.methods)
+    common = {k: v for k, v in (("device", config.device), ("dtype", config.dtype), ("batch_size", config.batch_size))
+              if v is not None}
+    built: dict[str, object] = {}
+    results: dict[str, dict] = {m.row: {} for m in rows}
+    for dataset in config.datasets:
+        fingerprint = dataset_fingerprint(root, dataset, config.desc)
+        keys = {
+            m.row: _jsonable({
+                "row": m.row, "method": m.name, "options": _path_stamp(m.options),
+                "stage_options": _path_stamp(m.stage_options), "common": common if m.name != GLOBAL_ROW else {},
+                "dataset": dataset, "fingerprint": fingerprint, **settings,
+            })
+            for m in rows
+        }
+        todo = []
+        for m in rows:
+            cached = cache.get(keys[m.row])
+            if cached is not None:
+                results[m.row][dataset] = cached
+            else:
+                todo.append(m)
+        if not todo:
+            log(f"{dataset}: every row cached")
+            continue
+        log(f"{dataset}: loading (rows to compute: {', '.join(m.row for m in todo)})")
+        data = load_dataset(root, dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache")
+        evaluation = DatasetEvaluation(data, config.protocols, config.junk, config.metric)
+        for m in tqdm(todo, desc=dataset, unit="method"):
+            if m.name == GLOBAL_ROW:
+                scores = evaluation.run(None)
+            else:
+                if m.row not in built:
+                    built[m.row] = _create(create_reranker, m, common)
+                scores = evaluation.run(built[m.row], config.top_k, config.batch_size or 8, m.row)
+            cache.put(keys[m.row], scores)
+            results[m.row][dataset] = scores
+    report = {"settings": {**settings, "datasets": list(config.datasets)}, "results": results}
+    write_outputs(report, out, plots=config.plots)
+    return report
+
+
+def _create(create_reranker, spec: MethodSpec, common: dict):
+    try:
+        if spec.stage_options:
+            return create_reranker(spec.name, stage_options=spec.stage_options, **common, **spec.options)
+        return create_reranker(spec.name, **common, **spec.options)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
+        raise EvaluationError(f"cannot build re-ranker {spec.row!r} ({spec.name}): {error}") from error
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _columns(report: dict) -> list[tuple[str, str]]:
+    return [(d, p) for d in report["settings"]["datasets"] for p in report["settings"]["protocols"]]
+
+
+def _header(dataset: str, protocol: str) -> str:
+    return f"{SHORT_NAMES.get(dataset, dataset)} {get_protocol(protocol).label}"
+
+
+def format_table(report: dict) -> str:
+    """Markdown table, supplementary Table B layout: rows = methods, columns = protocols per dataset (mAP x 100)."""
+    columns = _columns(report)
+    lines = [
+        "| Method | " + " | ".join(_header(d, p) for d, p in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for row, per_dataset in report["results"].items():
+        cells = []
+        for d, p in columns:
+            value = per_dataset.get(d, {}).get(p, {}).get("mAP")
+            cells.append("" if value is None or np.isnan(value) else f"{100 * value:.1f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    s = report["settings"]
+    note = (f"mAP (%), revisitop {'truncated top-K (AMES/LoCoRE code)' if s['metric'] == 'truncated' else 'standard'} "
+            f"metric; top-{s['top_k']} re-ranked; junk: {s['junk']}")
+    return "\n".join(lines) + f"\n\n{note}\n"
+
+
+def write_outputs(report: dict, out: Path, plots: bool = True) -> None:
+    """results.md / results.csv / results.json, per_query_ap.csv and (optionally) plots/*.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.md", format_table(report))
+    columns = _columns(report)
+    rows = [["method", *(_header(d, p) for d, p in columns)]]
+    for row, per_dataset in report["results"].items():
+        rows.append([row, *(_csv_number(per_dataset.get(d, {}).get(p, {}).get("mAP")) for d, p in columns)])
+    write_atomic(out / "results.csv", _csv(rows))
+    summary = {
+        "settings": report["settings"],
+        "results": {
+            row: {d: {p: {k: v for k, v in s.items() if k != "aps"} for p, s in per.items()} for d, per in datasets.items()}
+            for row, datasets in report["results"].items()
+        },
+    }
+    write_atomic(out / "results.json", json.dumps(summary, indent=1))
+    per_query = [["dataset", "protocol", "query", *report["results"]]]
+    for d, p in columns:
+        aps = {row: per.get(d, {}).get(p, {}).get("aps") for row, per in report["results"].items()}
+        n = max((len(a) for a in aps.values() if a), default=0)
+        for q in range(n):
+            per_query.append([d, p, q, *(_csv_number(a[q] if a else None) for a in aps.values())])
+    write_atomic(out / "per_query_ap.csv", _csv(per_query))
+    if plots:
+        write_plots(report, out / "plots")
+
+
+def _csv_number(value) -> str:
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else repr(float(value))
+
+
+def _csv(rows) -> str:
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def write_plots(report: dict, folder: Path) -> list[Path]:
+    """Per-query AP scatter plots (supplementary Figure A): every method against the global
+    ranking, and every pair of re-rankers; one PNG per dataset and pair, one panel per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = list(report["results"])
+    pairs = [(GLOBAL_ROW, r) for r in rows if r != GLOBAL_ROW]
+    pairs += [(a, b) for i, a in enumerate(rows) for b in rows[i + 1 :] if GLOBAL_ROW not in (a, b)]
+    written = []
+    for dataset in report["settings"]["datasets"]:
+        protocols = report["settings"]["protocols"]
+        for a, b in pairs:
+            ra, rb = report["results"][a].get(dataset), report["results"][b].get(dataset)
+            if ra is None or rb is None:
+                continue
+            fig, axes = plt.subplots(1, len(protocols), figsize=(3.2 * len(protocols), 3.4), squeeze=False)
+            for ax, p in zip(axes[0], protocols):
+                x = np.array([np.nan if v is None else v for v in ra[p]["aps"]], float) * 100
+                y = np.array([np.nan if v is None else v for v in rb[p]["aps"]], float) * 100
+                ax.scatter(x, y, s=12, alpha=0.7)
+                ax.plot([0, 100], [0, 100], color="grey", lw=0.8, ls="--")
+                ax.set(xlim=(-2, 102), ylim=(-2, 102), xlabel=f"{a} AP", ylabel=f"{b} AP",
+                       title=f"{_header(dataset, p)}: {100 * ra[p]['mAP']:.1f} vs {100 * rb[p]['mAP']:.1f}")
+                ax.set_aspect("equal")
+            fig.tight_layout()
+            path = folder / f"{_slug(dataset)}__{_slug(a)}__vs__{_slug(b)}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------- command line
+
+RECIPE_KEYS = {"datasets", "methods", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc",
+               "nn", "device", "dtype", "batch_size", "plots"}
+
+
+def read_recipe(path) -> dict:
+    """A TOML (or JSON) recipe with the keys of :class:`EvalConfig`; ``methods`` is a list of
+    tables ``{name, label?, options?, stage_options?}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"recipe {path} does not exist")
+    text = path.read_text()
+    try:
+        recipe = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as error:
+        raise EvaluationError(f"recipe {path}: {error}") from None
+    unknown = set(recipe) - RECIPE_KEYS
+    if unknown:
+        raise EvaluationError(f"recipe {path}: unknown keys {sorted(unknown)}; known: {sorted(RECIPE_KEYS)}")
+    methods = []
+    for entry in recipe.get("methods", []):
+        extra = set(entry) - {"name", "label", "options", "stage_options"}
+        if "name" not in entry or extra:
+            raise EvaluationError(f"recipe {path}: a method needs 'name' and only label/options/stage_options, got {entry}")
+        methods.append(MethodSpec(entry["name"], dict(entry.get("options", {})),
+                                  {k: dict(v) for k, v in entry.get("stage_options", {}).items()}, entry.get("label", "")))
+    recipe["methods"] = methods
+    return recipe
+
+
+def _literal(text: str):
+    """``--option`` values: TOML literals (numbers, booleans, quoted strings, arrays), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_options(methods: list, options: Sequence[str]) -> None:
+    """``NAME.KEY=VALUE``: KEY=VALUE for the row or registered name NAME, or for the stage NAME of
+    every chain that contains it (``--option locore-base.checkpoint=/ckpt`` reaches
+    ``superglobal+locore-base``). ``--checkpoint NAME=PATH`` is ``NAME.checkpoint=PATH``."""
+    for text in options:
+        target, sep, value = text.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not (sep and dot and name and key):
+            raise EvaluationError(f"--option expects NAME.KEY=VALUE, got {text!r}")
+        hits = 0
+        for m in methods:
+            if name in (m.row, m.name):
+                m.options[key] = _literal(value)
+                hits += 1
+            elif name in m.name.split("+"):
+                m.stage_options.setdefault(name, {})[key] = _literal(value)
+                hits += 1
+        if not hits:
+            raise EvaluationError(f"--option {text!r}: no method or chain stage is named {name!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``locore-plugin eval`` (and ``python -m locore_plugin.evaluate``)."""
+    parser.add_argument("--recipe", help="TOML/JSON recipe (recipes/eval_*.toml); the options below override it")
+    parser.add_argument("--dataset", action="append", dest="datasets", metavar="NAME",
+                        help="roxford5k, rparis6k, roxford5k+1m, rparis6k+1m, or any folder name under the data root "
+                             "(repeatable)")
+    parser.add_argument("--reranker", action="append", dest="rerankers", metavar="NAME",
+                        help="registered name or chain a+b (repeatable; replaces the recipe's methods); the global-only "
+                             "row is always included")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                        help="a factory option of one method or chain stage (repeatable)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                        help="shorthand for --option NAME.checkpoint=PATH")
+    parser.add_argument("--data-root", help="dataset root (default: $LOCORE_DATA)")
+    parser.add_argument("--out", help="output folder (tables, per-query APs, plots, cache); default eval_results")
+    parser.add_argument("--protocols", help="comma-separated: medium,hard,hard* (default all three)")
+    parser.add_argument("--junk", choices=JUNK_MODES, help="junk before re-ranking: keep (revisitop/SuperGlobal) or "
+                                                           "remove (DELG/AMES/RRT/LoCoRE code; default)")
+    parser.add_argument("--top-k", type=int, help="images re-ranked per query (default 100)")
+    parser.add_argument("--metric", choices=("standard", "truncated"),
+                        help="standard revisitop mAP on the full ranking (default), or the AMES/LoCoRE top-K variant")
+    parser.add_argument("--depth", type=int, help="list length for --metric truncated (default: the nn file's, else 1600)")
+    parser.add_argument("--desc", help="descriptor name of the files, {desc}_query_local.hdf5 ... (default dinov2)")
+    parser.add_argument("--nn", help="use the published shortlist nn_NAME.pkl (default: exact global ranking)")
+    parser.add_argument("--device", help="device for every re-ranker (cpu, cuda, auto)")
+    parser.add_argument("--dtype", help="dtype for every re-ranker (fp32, bf16, fp16)")
+    parser.add_argument("--batch-size", type=int, help="queries per re-ranking call and re-ranker batch size")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG scatter plots")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    recipe = read_recipe(args.recipe) if args.recipe else {}
+    if args.rerankers:
+        recipe["methods"] = [MethodSpec(name) for name in args.rerankers]
+    for key in ("datasets", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc", "nn",
+                "device", "dtype", "batch_size", "plots"):
+        value = getattr(args, key)
+        if value is not None:
+            recipe[key] = value
+    if isinstance(recipe.get("protocols"), str):
+        recipe["protocols"] = recipe["protocols"].split(",")
+    recipe.setdefault("methods", [])
+    if "datasets" not in recipe:
+        raise EvaluationError("no dataset: give --dataset NAME or a --recipe that lists datasets")
+    apply_options(recipe["methods"], [*args.option, *(_checkpoint_option(c) for c in args.checkpoint)])
+    try:
+        return EvalConfig(**recipe)
+    except TypeError as error:
+        raise EvaluationError(str(error)) from None
+
+
+def _checkpoint_option(text: str) -> str:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise EvaluationError(f"--checkpoint expects NAME=PATH, got {text!r}")
+    return f"{name}.checkpoint={json.dumps(path)}"
+
+
+def _guarded(function, args) -> int:
+    try:
+        function(args)
+    except (EvaluationError, ValueError, KeyError, FileNotFoundError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"locore-plugin: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_eval(args) -> None:
+    config = config_from_args(args)
+    report = run(config)
+    print(format_table(report))
+    print(f"tables, per-query APs and plots in {Path(config.out).resolve()}")
+
+
+def untrained_reason(name: str, checkpoints: Sequence[str] = ()) -> Optional[str]:
+    """Why a registered name (or chain) cannot be reported without trained weights, or None.
+
+    A stage is learned when its factory takes a ``checkpoint``, refuses to build without one, or
+    builds a :class:`~locore_plugin.interface.TrainableReranker`; it counts as trained only
+    when ``checkpoints`` (``NAME=PATH`` strings) names it.
+    """
+    from .interface import TrainableReranker
+    from .registry import create_reranker, registered_rerankers
+
+    entries = registered_rerankers()
+    given = {c.partition("=")[0] for c in checkpoints}
+    for part in name.split("+"):
+        if part in given:
+            continue
+        learned = f"{part} is a learned re-ranker and no trained checkpoint was given"
+        if "checkpoint" in inspect.signature(entries[part].factory).parameters:
+            return learned
+        try:
+            built = create_reranker(part)
+        except (TypeError, ValueError, FileNotFoundError, OSError) as error:
+            return learned if "checkpoint" in str(error) else f"{part} does not build without options ({error})"
+        if isinstance(built, TrainableReranker):
+            return learned
+    return None
+
+
+def demo(out="locore-demo", size: str = "small", seed: int = 0, rerankers: Optional[Sequence[str]] = None,
+         checkpoints: Sequence[str] = (), top_k: int = 100, log=print) -> dict:
+    """The built-in benchmark: write the synthetic dataset under ``{out}/data`` and compare the
+    re-rankers on it (every registered training-free one by default). A learned re-ranker runs
+    only with a ``NAME=PATH`` checkpoint: random weights would say nothing."""
+    from . import synthetic
+    from .registry import list_rerankers
+
+    out = Path(out)
+    synthetic.write(out / "data", seed, size)
+    names = list(rerankers) if rerankers else [e.name for e in list_rerankers()]
+    chosen = []
+    for name in names:
+        reason = untrained_reason(name, checkpoints)
+        if reason is None:
+            chosen.append(name)
+        else:
+            log(f"left out {name}: {reason} (random weights would be meaningless; --checkpoint NAME=PATH adds one)")
+    methods = [MethodSpec(name) for name in chosen]
+    apply_options(methods, [_checkpoint_option(c) for c in checkpoints if c.partition("=")[0] in
+                            {p for m in methods for p in m.name.split("+")}])
+    config = EvalConfig(datasets=[synthetic.DATASET], methods=methods, data_root=str(out / "data"),
+                        out=str(out / "results"), desc=synthetic.DESCRIPTOR, top_k=top_k)
+    return run(config, log=log)
+
+
+def _run_demo(args) -> None:
+    report = demo(args.out, args.size, args.seed, args.rerankers, args.checkpoint, args.top_k)
+    print()
+    print(f"Built-in synthetic benchmark ({args.size}, seed {args.seed}):")
+    print(format_table(report))
+    print(f"tables, per-query APs and plots in {(Path(args.out) / 'results').resolve()}")
+
+
+def add_demo_command(subparsers) -> None:
+    from .synthetic import SIZES
+
+    parser = subparsers.add_parser(
+        "demo", help="compare the re-rankers on the built-in synthetic benchmark (no download, a few minutes on CPU)",
+        description=demo.__doc__,
+    )
+    parser.add_argument("--out", default="locore-demo", help="folder for the synthetic data, results and cache")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reranker", action="append", dest="rerankers", metavar="NAME",
+                        help="re-rankers to compare (default: every training-free registered one)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                        help="trained weights for a learned re-ranker, which then takes part")
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.set_defaults(run=lambda args: _guarded(_run_demo, args))
+
+
+def add_eval_command(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate re-rankers on revisited Oxford/Paris (Medium/Hard/Hard*)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(run=lambda args: _guarded(_run_eval, args))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m locore_plugin.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return _guarded(_run_eval, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@ some probability and under descriptor noise, plus clutter patterns of its own. F
 the gallery images of its instance are
 
 * easy: their window overlaps at least half of the query's window;
-* hard: a smaller, non-empty overlap, or no overlap at all but at least half of an easy image's
+* hard: a smaller, non-empty overlap, or no overlap at all but a third of an easy image's
   window (the transitive case of LoCoRE supplementary Figure C: only list-wise evidence links it);
 * junk: neither.
 
@@ -17,7 +17,9 @@ local evidence is what separates positives from look-alikes. Everything is drawn
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import json
+import pickle
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,7 @@ def generate(seed: int = 0, size: str | SyntheticConfig = "small") -> SyntheticD
     n_inst = cfg.instances + cfg.distractor_instances
     patterns = _unit(rng.normal(size=(n_inst, cfg.parts, cfg.local_dim)))
     directions = _unit(rng.normal(size=(n_inst, cfg.global_dim)))
+    heights = rng.random((n_inst, cfg.parts))  # each pattern's fixed height: views differ by a shift in x
     last_start = cfg.parts - cfg.window
 
     # Gallery views: queried instances spread their windows over the whole strip.
@@ -109,16 +112,16 @@ def generate(seed: int = 0, size: str | SyntheticConfig = "small") -> SyntheticD
             parts = np.arange(starts[r], starts[r] + (0 if lookalike else cfg.window))
             parts = parts[rng.random(len(parts)) < cfg.detect]
             seen = _unit(patterns[inst[r], parts] + cfg.local_noise / np.sqrt(cfg.local_dim) * rng.normal(size=(len(parts), cfg.local_dim)))
-            part_x = (parts - starts[r] + 0.5) / cfg.window
             clutter = _unit(rng.normal(size=(cfg.clutter + (cfg.window if lookalike else 0), cfg.local_dim)))
             desc = np.concatenate([seen, clutter])
-            x = np.concatenate([part_x, rng.random(len(clutter))])
+            x = np.concatenate([(parts - starts[r] + 0.5) / cfg.window, rng.random(len(clutter))])
+            y = np.concatenate([heights[inst[r], parts], rng.random(len(clutter))])
             keep = rng.permutation(len(desc))[: cfg.topk]
-            desc, x = desc[keep], x[keep]
+            desc, x, y = desc[keep], x[keep], y[keep]
             weight = np.sort(rng.random(len(desc)))[::-1]  # the official files list locals by detector weight
             m = len(desc)
             rows[r, :m, 0] = x * 512
-            rows[r, :m, 1] = rng.random(m) * 384
+            rows[r, :m, 1] = y * 384
             rows[r, :m, 2] = rng.integers(0, 3, m)
             rows[r, m:, 3] = 1.0  # mask: 1 = padding
             rows[r, :m, 4] = weight
@@ -151,11 +154,12 @@ def generate(seed: int = 0, size: str | SyntheticConfig = "small") -> SyntheticD
         overlap = np.clip(overlap, 0, None)
         easy = same[overlap * 2 >= cfg.window]
         linked = np.zeros(len(same), bool)
-        for e in easy:  # half of an easy view's window shared
-            linked |= (cfg.window - np.abs(view_start[same] - view_start[e])) * 2 >= cfg.window
-        hard_mask = (overlap * 2 < cfg.window) & ((overlap > 0) | linked)
+        for e in easy:  # a third of an easy view's window shared
+            linked |= (cfg.window - np.abs(view_start[same] - view_start[e])) * 3 >= cfg.window
+        rest = overlap * 2 < cfg.window
+        hard_mask = rest & ((overlap > 0) | linked)
         hard = same[hard_mask]
-        junk = same[(overlap * 2 < cfg.window) & ~hard_mask]
+        junk = same[rest & ~hard_mask]
         trans = same[hard_mask & (overlap == 0)]
         entries.append({
             "easy": sorted(int(position[v]) for v in easy),
@@ -170,3 +174,39 @@ def generate(seed: int = 0, size: str | SyntheticConfig = "small") -> SyntheticD
         "qimlist": [f"query_{q:03d}" for q in range(len(q_inst))],
     }
     return SyntheticData(cfg, seed, query_local, gallery_local, query_global, gallery_global, gnd, transitive)
+
+
+def _features(rows: np.ndarray, globals_: np.ndarray):
+    from .features import ImageFeatures
+
+    return [
+        ImageFeatures(global_desc=g, local=r[:, 5:], mask=r[:, 3] == 0, xy=r[:, :2], scale=r[:, 2], weight=r[:, 4])
+        for r, g in zip(rows, globals_)
+    ]
+
+
+def write(root, seed: int = 0, size: str | SyntheticConfig = "small") -> Path:
+    """Generate and write ``{root}/synthetic/`` in the official layout; returns that folder.
+
+    Files: ``gnd_synthetic.pkl``, ``synth_{query,gallery}_{local.hdf5,global.pt}``,
+    ``nn_global.pkl`` (exact global top-``nn_depth``) and ``synthetic.json`` (seed and config,
+    written last: a folder with it is complete). An existing complete folder with the same seed
+    and config is left as it is.
+    """
+    from .descriptors import _atomic_write, build_shortlist, write_descriptors, write_nn
+
+    cfg = SIZES[size] if isinstance(size, str) else size
+    folder = Path(root) / DATASET
+    marker = folder / f"{DATASET}.json"
+    stamp = {"seed": int(seed), "config": asdict(cfg)}
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return folder
+    marker.unlink(missing_ok=True)
+    data = generate(seed, cfg)
+    write_descriptors(folder, DESCRIPTOR, "query", _features(data.query_local, data.query_global), topk=cfg.topk)
+    write_descriptors(folder, DESCRIPTOR, "gallery", _features(data.gallery_local, data.gallery_global), topk=cfg.topk)
+    sims, idx = build_shortlist(data.query_global, data.gallery_global, cfg.nn_depth, verbose=False)
+    write_nn(folder / f"nn_{NN_NAME}.pkl", sims, idx)
+    _atomic_write(folder / f"gnd_{DATASET}.pkl", pickle.dumps(data.gnd, protocol=2))
+    _atomic_write(marker, json.dumps(stamp, indent=1).encode())
+    return folder
