@@ -20,7 +20,9 @@ def _add_list(subparsers):
     parser.set_defaults(run=run)
 
 
-SUBCOMMANDS = [_add_list]
+from .evaluate import add_demo_command, add_eval_command  # noqa: E402
+
+SUBCOMMANDS = [_add_list, add_eval_command, add_demo_command]
 
 
 def main(argv=None) -> int:
