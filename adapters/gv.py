@@ -84,11 +84,14 @@ class GeometricVerification(ImageReranker):
         src = np.ascontiguousarray(q_xy, np.float64)
         dst = np.ascontiguousarray(g_xy, np.float64)
         method = getattr(cv2, METHODS[self.method])
-        if self.model == "homography":
-            _, mask = cv2.findHomography(src, dst, method, self.threshold, maxIters=self.iterations,
-                                         confidence=self.confidence)
-        else:
-            _, mask = cv2.findFundamentalMat(src, dst, method, self.threshold, self.confidence, self.iterations)
+        try:
+            if self.model == "homography":
+                _, mask = cv2.findHomography(src, dst, method, self.threshold, maxIters=self.iterations,
+                                             confidence=self.confidence)
+            else:
+                _, mask = cv2.findFundamentalMat(src, dst, method, self.threshold, self.confidence, self.iterations)
+        except cv2.error:  # USAC asserts on some degenerate samples (no model at all): no geometric support
+            return 0
         return 0 if mask is None else int(mask.sum())
 
 
