@@ -80,7 +80,7 @@ class Dinov2AmesExtractor(ImageExtractor):
         load_strict(self.detector, read_state_dict(detector), source=str(detector))
         self.detector.eval().to(self.device)
         self.model_name, self.detector_path = str(model), Path(detector)
-        self.topk = int(topk)
+        self.topk = self.max_locals = int(topk)
         self.imsize = None if imsize is None else int(imsize)
         self.batch_size = int(batch_size)
         self.verbose = verbose

@@ -28,7 +28,7 @@ class SiftExtractor(ImageExtractor):
             raise ValueError(f"max_keypoints must be >= 1, got {max_keypoints}")
         if imsize is not None and imsize < 16:
             raise ValueError(f"imsize must be None or >= 16, got {imsize}")
-        self.max_keypoints = int(max_keypoints)
+        self.max_locals = int(max_keypoints)
         self.imsize = None if imsize is None else int(imsize)
         self.batch_size = int(batch_size)
         self.verbose = verbose
@@ -37,12 +37,12 @@ class SiftExtractor(ImageExtractor):
     def settings(self) -> dict:
         import cv2
 
-        return {"max_keypoints": self.max_keypoints, "imsize": self.imsize, "opencv": cv2.__version__}
+        return {"max_keypoints": self.max_locals, "imsize": self.imsize, "opencv": cv2.__version__}
 
     def _extract_batch(self, crops: list[Crop]) -> list[ImageFeatures]:
         import cv2
 
-        sift = cv2.SIFT_create(nfeatures=self.max_keypoints)
+        sift = cv2.SIFT_create(nfeatures=self.max_locals)
         return [self._extract_one(sift, crop) for crop in crops]
 
     def _extract_one(self, sift, crop: Crop) -> ImageFeatures:
@@ -59,7 +59,7 @@ class SiftExtractor(ImageExtractor):
             return ImageFeatures(global_desc=np.zeros(DIM, np.float32), local=np.zeros((0, DIM), np.float32),
                                  xy=np.zeros((0, 2)), scale=np.zeros(0), weight=np.zeros(0))
         response = np.array([k.response for k in keypoints], np.float32)
-        order = np.argsort(-response, kind="stable")[: self.max_keypoints]
+        order = np.argsort(-response, kind="stable")[: self.max_locals]
         points = np.array([k.pt for k in keypoints], np.float32)[order]
         local = root_sift(descriptors[order])
         return ImageFeatures(
