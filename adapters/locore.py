@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import LongformerConfig, LongformerModel
 
 from locore_plugin.checkpoints import load_strict, read_state_dict
@@ -372,19 +373,25 @@ class LocoreReranker(TrainableReranker):
         return results
 
     def _rerank_many(self, queries, shortlists, global_scores) -> list[RerankResult]:
+        """Queries run ``batch_size`` at a time, so each sliding step of a chunk is one forward pass
+        and only that chunk's descriptors sit on the device."""
         if any(g is None for g in global_scores) and self.alpha > 0:
             raise ValueError("LoCoRE fuses its scores with the global similarities: pass global_scores or "
                              "global descriptors, or set alpha=0")
         scores = [np.zeros(len(s), np.float32) if g is None else g for g, s in zip(global_scores, shortlists)]
-        prepared = [self._prepare(q, s[: self.shortlist], i) for i, (q, s) in enumerate(zip(queries, shortlists))]
+        results = []
+        chunks = range(0, len(queries), self.batch_size)
+        for start in tqdm(chunks, desc="LoCoRE", unit="chunk", disable=not self.verbose or len(chunks) < 2):
+            members = range(start, min(start + self.batch_size, len(queries)))
+            prepared = [self._prepare(queries[i], shortlists[i][: self.shortlist], i) for i in members]
 
-        def scorer(requests):
-            return self.score_windows([(prepared[q][0], prepared[q][1], torch.from_numpy(rows).to(self.device))
-                                       for q, rows in requests])
+            def scorer(requests, prepared=prepared):
+                return self.score_windows([(*prepared[q], torch.from_numpy(rows).to(self.device)) for q, rows in requests])
 
-        return sliding_rerank(scores, scorer, shortlist=self.shortlist, window=self.window, stride=self.stride,
-                              order=self.order, alpha=self.alpha, temperature=self.temperature,
-                              progress=bool(self.verbose))
+            results += sliding_rerank([scores[i] for i in members], scorer, shortlist=self.shortlist,
+                                      window=self.window, stride=self.stride, order=self.order, alpha=self.alpha,
+                                      temperature=self.temperature)
+        return results
 
     # ---- training --------------------------------------------------------------------------------------
     def training_loss(self, queries, shortlists, labels, module=None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from locore_plugin.adapters.locore import (
     REDUCTIONS,
     LocoreConfig,
     LocoreModel,
-    LocoreReranker,
+    parameter_count,
     reduce_scores,
 )
 from locore_plugin.checkpoints import StateDictMismatchError, read_state_dict
@@ -165,6 +165,14 @@ def random_images(rng, count, num_locals=6, local_dim=24, global_dim=16, valid=N
 def test_registered_names():
     names = {e.name for e in list_rerankers()}
     assert {"locore-tiny", "locore-small", "locore-base"} <= names
+
+
+def test_tiny_parameter_count_by_formula():
+    h, ffn, layers, pos, desc = 512, 2048, 4, 5122, 768
+    layer = 7 * (h * h + h) + 2 * h + (h * ffn + ffn) + (ffn * h + h) + 2 * h  # 6 q/k/v + out, 2 LayerNorms, FFN
+    embeddings = pos * h + h + 2 * h  # positions, token type, LayerNorm
+    extra = 2 * h + (2 * h + 2) + 3 * h + 2 * (desc * h + h)  # sep/pad, classifier, scales, 2 projections
+    assert parameter_count("locore-tiny") == layers * layer + embeddings + extra == 19_176_450
 
 
 def test_variant_configs_are_table_a():
@@ -355,6 +363,18 @@ def test_gallery_image_without_valid_locals_is_scored(small):
     shortlist[1] = ImageFeatures(global_desc=shortlist[1].global_desc, local=shortlist[1].local,
                                  scale=shortlist[1].scale, mask=np.zeros(6, bool))
     assert sorted(small().rerank(query, shortlist).order) == [0, 1, 2]
+
+
+def test_through_rerankers(small_checkpoint):
+    from rerankers import Reranker
+
+    rng = np.random.default_rng(9)
+    query, *docs = random_images(rng, 8)
+    options = dict(checkpoint=small_checkpoint, device="cpu", num_locals=6, window=5, stride=2, verbose=0)
+    ranked = Reranker("locore-tiny", **options).rank(query, docs)
+    expected = create_reranker("locore-tiny", **options).rerank(query, docs)
+    assert [r.doc_id for r in ranked.results] == expected.order.tolist()
+    np.testing.assert_allclose([r.score for r in ranked.results], expected.scores[expected.order], rtol=1e-6)
 
 
 def test_without_global_descriptors(small):
