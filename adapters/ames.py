@@ -1,0 +1,241 @@
+"""AMES (Suma et al., ECCV 2024): asymmetric pair-wise similarity of local descriptors.
+
+The model of the official ``src/models/matcher.py`` with its state-dict key names: L2-normalised
+locals -> Linear + LayerNorm (or the ITQ binarisation layer, sign, Linear + LayerNorm) shared by
+both images; tokens ``[MTC, query locals, database locals]``; each post-norm layer runs
+self-attention within each image, then "cross" attention across the images (the same token set
+under the complementary mask), then the FFN; Linear on the MTC token gives the logit. In
+evaluation the full-precision model rounds the database tokens to float16 and back, as the
+official code does (it models storing the database in half precision).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from locore_plugin.checkpoints import load_strict
+from locore_plugin.hookspecs import hookimpl
+from locore_plugin.pairwise import PairwiseReranker, read_checkpoint, save_directory
+
+# conf/model/ames.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768, CVNet: 1024).
+_OFFICIAL = dict(model_dim=128, nhead=2, num_encoder_layers=5, dim_feedforward=1024, activation="relu",
+                 normalize_before=False)
+CONFIGS = {
+    "ames-dinov2": dict(local_dim=768, binarized=False, **_OFFICIAL),
+    "ames-dinov2-binary": dict(local_dim=768, binarized=True, **_OFFICIAL),
+    "ames-cvnet": dict(local_dim=1024, binarized=False, **_OFFICIAL),
+    "ames-cvnet-binary": dict(local_dim=1024, binarized=True, **_OFFICIAL),
+    # The paper's AMES*: 768 hidden on DINOv2 locals; heads and FFN width follow the BERT-base ratio.
+    "ames-768": dict(local_dim=768, binarized=False, **{**_OFFICIAL, "model_dim": 768, "nhead": 12, "dim_feedforward": 3072}),
+}
+# (lambda, gamma) of the ensemble, official README (tuned on the GLDv2 public test split).
+FUSION = {
+    "ames-dinov2": (0.55, 0.30),
+    "ames-dinov2-binary": (0.35, 0.10),
+    "ames-cvnet": (0.85, 0.80),
+    "ames-cvnet-binary": (0.65, 0.20),
+    "ames-768": (0.55, 0.30),  # not tuned: the DINOv2 full-precision value
+}
+DESCRIPTIONS = {
+    "ames-dinov2": "AMES (ECCV 2024) on DINOv2 local descriptors, full precision",
+    "ames-dinov2-binary": "AMES (ECCV 2024) on DINOv2 local descriptors, ITQ-binarised",
+    "ames-cvnet": "AMES (ECCV 2024) on CVNet local descriptors, full precision",
+    "ames-cvnet-binary": "AMES (ECCV 2024) on CVNet local descriptors, ITQ-binarised",
+    "ames-768": "AMES* (LoCoRE supplementary): AMES with 768 hidden size on DINOv2 local descriptors",
+}
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+class BinarizationLayer(nn.Module):
+    """ITQ projection ``x @ W`` then sign; training uses the smooth ``erf(x / sqrt(2 sigma))``."""
+
+    def __init__(self, dims: int, bits: int, sigma: float = 1e-6):
+        super().__init__()
+        # The official layer starts from an ITQ file; a checkpoint overrides it anyway.
+        self.W = nn.Parameter(torch.randn(dims, bits))
+        self.sigma = sigma
+
+    def forward(self, x):
+        x = F.normalize(x, p=2, dim=-1) @ self.W
+        if self.training:
+            return torch.erf(x / (2 * self.sigma) ** 0.5)
+        return torch.sign(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model, nhead, dim_feedforward, activation, normalize_before):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.activation = _ACTIVATIONS[activation]
+        self.normalize_before = normalize_before
+
+    def forward(self, x, sa_mask, ca_mask, padding):
+        def sa(y):
+            return self.self_attn(y, y, y, attn_mask=sa_mask, key_padding_mask=padding, need_weights=False)[0]
+
+        def ca(y):
+            return self.cross_attn(y, y, y, attn_mask=ca_mask, key_padding_mask=padding, need_weights=False)[0]
+
+        def ff(y):
+            return self.linear2(self.activation(self.linear1(y)))
+
+        if self.normalize_before:
+            x = x + sa(self.norm1(x))
+            x = x + ca(self.norm2(x))
+            return x + ff(self.norm3(x))
+        x = self.norm1(x + sa(x))
+        x = self.norm2(x + ca(x))
+        return self.norm3(x + ff(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(config["model_dim"], config["nhead"], config["dim_feedforward"], config["activation"],
+                         config["normalize_before"])
+            for _ in range(config["num_encoder_layers"])
+        )
+        self.norm = nn.LayerNorm(config["model_dim"]) if config["normalize_before"] else None
+
+    def forward(self, x, sa_mask, ca_mask, padding):
+        for layer in self.layers:
+            x = layer(x, sa_mask, ca_mask, padding)
+        return x if self.norm is None else self.norm(x)
+
+
+class AMES(nn.Module):
+    """``forward(src_local, src_mask, tgt_local, tgt_mask) -> (B,)`` logits; masks True = padding
+    (the official convention); src = query, tgt = database image."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        dim = config["model_dim"]
+        self.binarized = config["binarized"]
+        self.mtc_token = nn.Parameter(torch.empty(dim))
+        if self.binarized:
+            self.remap_local = nn.Sequential(BinarizationLayer(config["local_dim"], dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        else:
+            self.remap_local = nn.Sequential(nn.Linear(config["local_dim"], dim), nn.LayerNorm(dim))
+        self.decoder = Decoder(config)
+        self.classifier = nn.Linear(dim, 1)
+        self.apply(_official_init)
+        nn.init.trunc_normal_(self.mtc_token, std=0.02)
+
+    def forward(self, src_local, src_mask, tgt_local, tgt_mask):
+        src = self.remap_local(F.normalize(src_local, p=2, dim=-1))
+        tgt = self.remap_local(F.normalize(tgt_local, p=2, dim=-1))
+        if not self.training and not self.binarized:
+            tgt = tgt.half().to(src.dtype)  # the official evaluation's half-precision database
+        batch, q, t = src.shape[0], src.shape[1], tgt.shape[1]
+        tokens = torch.cat([self.mtc_token.expand(batch, 1, -1), src, tgt], 1)
+        padding = torch.cat([src_mask.new_zeros(batch, 1), src_mask, tgt_mask], 1)
+        # True = not allowed. The MTC token (row and column 0) sees and is seen by everything.
+        side = torch.cat([torch.zeros(1, dtype=torch.long), torch.ones(q, dtype=torch.long), torch.full((t,), 2)])
+        side = side.to(tokens.device)
+        across = (side[:, None] * side[None, :]) == 2  # query <-> database
+        within = (side[:, None] == side[None, :]) & (side[:, None] > 0)  # query <-> query, database <-> database
+        x = self.decoder(tokens, sa_mask=across, ca_mask=within, padding=padding)
+        return self.classifier(x[:, 0]).view(-1)
+
+
+def _official_init(m):
+    """The official ``_init_weights``: truncated normal Linear weights, unit LayerNorm, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+    if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+class AMESReranker(PairwiseReranker):
+    """AMES scores each (query, shortlist item) pair from their local descriptors alone."""
+
+    columns = ()
+    needs_global = False
+
+    def __init__(self, module: AMES, **kwargs):
+        self.local_dim = module.config["local_dim"]
+        super().__init__(module, **kwargs)
+
+    def pair_logits(self, module, query, gallery):
+        return module(query["local"], ~query["mask"], gallery["local"], ~gallery["mask"])
+
+    def save_pretrained(self, directory) -> None:
+        save_directory(directory, self.module, {"method": "ames", "model": self.module.config})
+
+
+def build_ames(
+    name: str,
+    checkpoint=None,
+    pretrained: bool = True,
+    config: Optional[dict] = None,
+    query_length: int = 600,
+    gallery_length: int = 50,
+    fusion="default",
+    top_k: Optional[int] = None,
+    device="cpu",
+    dtype="float32",
+    batch_size: int = 128,
+    verbose: int = 0,
+) -> AMESReranker:
+    """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
+    ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
+    ``config`` overrides architecture keys of the named config; ``fusion`` is (lambda, gamma),
+    ``"default"`` for the official value of this descriptor type, or None for the logit alone."""
+    settings = dict(CONFIGS[name])
+    state = None
+    if checkpoint is not None:
+        saved, state = read_checkpoint(checkpoint)
+        if saved is not None:
+            settings.update(saved["model"])
+    elif pretrained:
+        raise ValueError(
+            f"{name} needs checkpoint= (the official weights are published by pavelsuma/ames); "
+            "pass pretrained=False for a randomly initialised model"
+        )
+    unknown = set(config or {}) - set(settings)
+    if unknown:
+        raise ValueError(f"unknown AMES config key(s) {sorted(unknown)}; known: {sorted(settings)}")
+    settings.update(config or {})
+    if settings["activation"] not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {settings['activation']!r}")
+    module = AMES(settings)
+    if state is not None:
+        load_strict(module, state, source=str(checkpoint))
+    return AMESReranker(
+        module,
+        query_length=query_length,
+        gallery_length=gallery_length,
+        fusion=FUSION[name] if fusion == "default" else fusion,
+        top_k=top_k,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        verbose=verbose,
+    )
+
+
+def _factory(name):
+    def factory(**kwargs):
+        return build_ames(name, **kwargs)
+
+    factory.__doc__ = build_ames.__doc__
+    return factory
+
+
+@hookimpl
+def register_rerankers(register):
+    for name in CONFIGS:
+        register(name, _factory(name), description=DESCRIPTIONS[name], inputs="local", columns=())

@@ -1,0 +1,202 @@
+"""AMES against the official model's outputs (../shared/golden/ames), plus input checks."""
+import itertools
+import json
+import lzma
+
+import numpy as np
+import pytest
+import torch
+
+from locore_plugin import ImageFeatures, create_reranker
+from locore_plugin.checkpoints import StateDictMismatchError
+from locore_plugin.fusion import fuse_scores
+
+
+def unxz(path, target):
+    target.write_bytes(lzma.decompress(path.read_bytes()))
+    return target
+
+
+def images(local, padding):
+    """ImageFeatures from the official arrays (mask True = padding)."""
+    return [ImageFeatures(local=l, mask=~m) for l, m in zip(local, padding)]
+
+
+def load_case(case, tmp_path):
+    inputs = np.load(case / "inputs.npz")
+    return (
+        images(inputs["query_local"], inputs["query_mask"]),
+        images(inputs["gallery_local"], inputs["gallery_mask"]),
+        inputs,
+        np.load(case / "outputs.npz"),
+        json.loads((case / "config.json").read_text()),
+    )
+
+
+def ames(checkpoint, config, name="ames-dinov2", **kw):
+    kw = {"query_length": config["query_sequence_len"], "gallery_length": config["sequence_len"], "fusion": None, **kw}
+    return create_reranker(name, checkpoint=checkpoint, **kw)
+
+
+def all_pairs(reranker, queries, gallery):
+    return np.stack([r.scores for r in reranker.rerank_many(queries, [gallery] * len(queries))])
+
+
+@pytest.mark.golden("ames")
+@pytest.mark.parametrize("container", ["checkpoint.pt.xz", "weights.safetensors.xz"])
+def test_logits_match_official(golden_case, container, tmp_path):
+    queries, gallery, _, outputs, config = load_case(golden_case, tmp_path)
+    suffix = ".pt" if container.endswith(".pt.xz") else ".safetensors"
+    reranker = ames(unxz(golden_case / container, tmp_path / f"w{suffix}"), config, batch_size=7)
+    # evaluation: database tokens rounded to float16, as the official evaluation does
+    np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["raw_eval"], atol=5e-4, rtol=0)
+    # training mode skips the cast
+    reranker.module.train()
+    with torch.no_grad():
+        q, g = reranker.pair_inputs(queries, np.repeat(np.arange(len(queries)), len(gallery)), gallery * len(queries))
+        nocast = reranker.pair_logits(reranker.module, q, g).numpy().reshape(len(queries), len(gallery))
+    np.testing.assert_allclose(nocast, outputs["raw_nocast"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.golden("ames")
+def test_binarized_logits_match_official(golden_case, tmp_path):
+    from safetensors.torch import load, save_file
+
+    queries, gallery, _, _, config = load_case(golden_case, tmp_path)
+    folder = golden_case / "binarized"
+    if not folder.is_dir():
+        pytest.skip(f"{golden_case.name} has no binarized variant")
+    full = load(lzma.decompress((golden_case / "weights.safetensors.xz").read_bytes()))
+    delta = load(lzma.decompress((folder / "weights_delta.safetensors.xz").read_bytes()))
+    keys = [k["key"] for k in json.loads((folder / "keys.json").read_text())]
+    save_file({k: delta[k] if k in delta else full[k] for k in keys}, str(tmp_path / "binary.safetensors"))
+    reranker = ames(tmp_path / "binary.safetensors", config, name="ames-dinov2-binary")
+    expected = np.load(folder / "outputs.npz")["raw_eval"]
+    np.testing.assert_allclose(all_pairs(reranker, queries, gallery), expected, atol=2e-4, rtol=0)
+
+
+def push_down(inds, sims, junk):
+    """The official junk push-down: items in ``junk`` move to the end, both parts keep their order."""
+    is_junk = np.isin(inds, junk)
+    order = np.r_[np.flatnonzero(~is_junk), np.flatnonzero(is_junk)]
+    return inds[order], sims[order]
+
+
+@pytest.mark.golden("ames")
+def test_ensemble_and_junk_handling_match_official_ranks(golden_case, tmp_path):
+    queries, gallery, inputs, outputs, config = load_case(golden_case, tmp_path)
+    gnd = json.loads((golden_case / "gnd.json").read_text())["gnd"]
+    reranker = ames(unxz(golden_case / "weights.safetensors.xz", tmp_path / "w.safetensors"), config)
+    # (lambda, gamma) do not change the logits: score each distinct top-k window once
+    score_pairs, cache = reranker.score_pairs, {}
+
+    def score_once(queries, heads):
+        key = tuple(id(item) for head in heads for item in head)
+        if key not in cache:
+            cache[key] = score_pairs(queries, heads)
+        return cache[key]
+
+    reranker.score_pairs = score_once
+    for name, junk_of in [("medium", lambda g: g["junk"]), ("hard", lambda g: g["junk"] + g["easy"])]:
+        shortlists = [push_down(inputs["nn_inds"][i], inputs["nn_sims"][i], junk_of(g)) for i, g in enumerate(gnd)]
+        np.testing.assert_array_equal(np.stack([s[0] for s in shortlists]), outputs[f"{name}_nn_inds"])
+        raw_sim = outputs[f"{name}_raw_sim"]
+        grid = itertools.product(enumerate(inputs["top_k"]), enumerate(inputs["lamb"]), enumerate(inputs["temp"]))
+        for (ki, k), (li, lamb), (ti, temp) in grid:
+            # the ensemble formula, from the official raw logits
+            ens = fuse_scores(np.stack([s[1] for s in shortlists])[:, :k], raw_sim[:, :k], lamb, temp)
+            np.testing.assert_allclose(ens, outputs[f"{name}_ens_scores"][ki, li, ti, :, :k], atol=1e-6)
+            # the whole re-ranking: model, ensemble, top-k window, tail kept in order
+            reranker.fusion, reranker.top_k = (lamb, temp), int(k)
+            results = reranker.rerank_many(
+                queries, [[gallery[j] for j in inds] for inds, _ in shortlists], [sims for _, sims in shortlists]
+            )
+            ranks = np.stack([inds[r.order] for (inds, _), r in zip(shortlists, results)])
+            np.testing.assert_array_equal(ranks, outputs[f"{name}_ranks"][ki, li, ti], err_msg=f"{name} k={k} λ={lamb} γ={temp}")
+
+
+@pytest.mark.golden("ames")
+def test_training_loss_is_bce_on_train_mode_logits(golden_case, tmp_path):
+    queries, gallery, _, outputs, config = load_case(golden_case, tmp_path)
+    reranker = ames(unxz(golden_case / "weights.safetensors.xz", tmp_path / "w.safetensors"), config)
+    reranker.module.train()
+    labels = [np.arange(len(gallery)) % (i + 2) == 0 for i in range(len(queries))]
+    loss = reranker.training_loss(queries, [gallery] * len(queries), [l.astype(np.float32) for l in labels])
+    x, y = outputs["raw_nocast"].astype(np.float64), np.stack(labels)
+    assert loss.item() == pytest.approx(np.mean(np.logaddexp(0, x) - y * x), abs=1e-5)
+    loss.backward()
+    assert reranker.module.classifier.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.golden("ames")
+def test_save_pretrained_round_trip(golden_case, tmp_path):
+    queries, gallery, _, _, config = load_case(golden_case, tmp_path)
+    reranker = ames(unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt"), config)
+    reranker.save_pretrained(tmp_path / "saved")
+    again = ames(tmp_path / "saved", config)
+    np.testing.assert_array_equal(all_pairs(again, queries[:1], gallery), all_pairs(reranker, queries[:1], gallery))
+
+
+def tiny(**kw):
+    config = dict(local_dim=16, model_dim=8, nhead=2, num_encoder_layers=2, dim_feedforward=16)
+    return create_reranker("ames-dinov2", pretrained=False, config=config, query_length=6, gallery_length=4, **kw)
+
+
+def test_registered_names_and_defaults():
+    from locore_plugin.adapters.ames import CONFIGS, FUSION
+
+    assert FUSION == {
+        "ames-dinov2": (0.55, 0.30), "ames-dinov2-binary": (0.35, 0.10), "ames-cvnet": (0.85, 0.80),
+        "ames-cvnet-binary": (0.65, 0.20), "ames-768": (0.55, 0.30),
+    }
+    assert CONFIGS["ames-768"]["model_dim"] == 768 and CONFIGS["ames-cvnet"]["local_dim"] == 1024
+    r = create_reranker("ames-dinov2", pretrained=False, config=dict(num_encoder_layers=1))
+    assert (r.query_length, r.gallery_length, r.fusion) == (600, 50, (0.55, 0.30))
+    assert sorted(k for k in r.module.state_dict() if "layers" not in k) == [
+        "classifier.bias", "classifier.weight", "mtc_token",
+        "remap_local.0.bias", "remap_local.0.weight", "remap_local.1.bias", "remap_local.1.weight",
+    ]
+
+
+def test_random_init_scores_and_trains():
+    rng = np.random.default_rng(0)
+    q = ImageFeatures(local=rng.normal(size=(9, 16)), global_desc=rng.normal(size=4))
+    shortlist = [ImageFeatures(local=rng.normal(size=(n, 16)), global_desc=rng.normal(size=4)) for n in (1, 3, 7)]
+    result = tiny().rerank(q, shortlist)
+    assert sorted(result.order) == [0, 1, 2] and np.isfinite(result.scores).all()
+    binary = create_reranker("ames-dinov2-binary", pretrained=False, fusion=None, query_length=6, gallery_length=4,
+                             config=dict(local_dim=16, model_dim=8, num_encoder_layers=1))
+    binary.module.train()
+    loss = binary.training_loss([q], [shortlist], [np.array([1, 0, 1])])
+    loss.backward()
+    assert binary.module.remap_local[0].W.grad is not None  # erf keeps the binarisation trainable
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    rng = np.random.default_rng(1)
+    q = ImageFeatures(local=rng.normal(size=(5, 16)))
+    with pytest.raises(ValueError, match="dimension 12, but the model expects 16"):
+        tiny(fusion=None).rerank(q, [ImageFeatures(local=rng.normal(size=(5, 12)))])
+    with pytest.raises(ValueError, match="no valid local descriptors"):
+        tiny(fusion=None).rerank(q, [ImageFeatures(local=np.ones((3, 16)), mask=np.zeros(3, bool))])
+    with pytest.raises(ValueError, match="NaN"):
+        ImageFeatures(local=np.full((3, 16), np.nan))
+    with pytest.raises(ValueError, match="fusion"):
+        tiny().rerank(q, [ImageFeatures(local=rng.normal(size=(5, 16)))])  # no globals to fuse with
+    with pytest.raises(ValueError, match="checkpoint="):
+        create_reranker("ames-dinov2")
+    with pytest.raises(ValueError, match="unknown AMES config key"):
+        create_reranker("ames-dinov2", pretrained=False, config={"hidden": 3})
+    with pytest.raises(TypeError):
+        create_reranker("ames-dinov2", pretrained=False, colour="red")
+    with pytest.raises(FileNotFoundError):
+        create_reranker("ames-dinov2", checkpoint=tmp_path / "absent.pt")
+
+
+@pytest.mark.golden("ames")
+def test_checkpoint_of_another_variant_names_the_keys(golden_case, tmp_path):
+    checkpoint = unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt")
+    with pytest.raises(StateDictMismatchError, match=r"remap_local\.0\.weight: checkpoint \(128, 768\) vs model \(128, 1024\)"):
+        create_reranker("ames-cvnet", checkpoint=checkpoint)
+    with pytest.raises(StateDictMismatchError, match=r"missing keys \(3\): remap_local\.0\.W, remap_local\.2\.bias"):
+        create_reranker("ames-dinov2-binary", checkpoint=checkpoint)
