@@ -3,6 +3,7 @@
 DEFAULT_PLUGINS = (
     "locore_plugin.adapters.superglobal",
     "locore_plugin.adapters.ames",
+    "locore_plugin.adapters.rrt",
     "locore_plugin.adapters.locore",
     "locore_plugin.adapters.r2former",
     "locore_plugin.adapters.sift",
