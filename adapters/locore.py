@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -65,7 +65,6 @@ class LocoreConfig:
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
-    extra: dict = field(default_factory=dict, compare=False)  # other HF config entries, kept for round trips
 
     def __post_init__(self):
         window = self.attention_window
@@ -109,7 +108,7 @@ class LocoreConfig:
     def longformer_config(self) -> LongformerConfig:
         # vocab_size 3: the word embeddings only exist long enough to seed sep/pad_embedding.
         return LongformerConfig(
-            **{**self.extra, "vocab_size": 3, "type_vocab_size": 1, "pad_token_id": _PAD_ID, "sep_token_id": _SEP_ID,
+            **{"vocab_size": 3, "type_vocab_size": 1, "pad_token_id": _PAD_ID, "sep_token_id": _SEP_ID,
                "bos_token_id": 0, "eos_token_id": _SEP_ID, "num_labels": 2, "hidden_size": self.hidden_size,
                "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
                "intermediate_size": self.intermediate_size, "attention_window": list(self.attention_window),
@@ -129,15 +128,12 @@ class LocoreConfig:
     def from_json(cls, data: dict, source: str = "config.json") -> "LocoreConfig":
         if "hf_longformer_config" not in data or "local_dim" not in data:
             raise ValueError(f"{source} is not a LoCoRE config (needs 'hf_longformer_config' and 'local_dim')")
-        hf = dict(data["hf_longformer_config"])
-        own = {k: hf.pop(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                      "attention_window", "max_position_embeddings", "layer_norm_eps", "hidden_act",
-                                      "hidden_dropout_prob", "attention_probs_dropout_prob") if k in hf}
-        for k in ("vocab_size", "type_vocab_size", "pad_token_id", "sep_token_id", "bos_token_id", "eos_token_id",
-                  "model_type", "transformers_version", "id2label", "label2id", "num_labels"):
-            hf.pop(k, None)
+        hf = data["hf_longformer_config"]  # its token ids, vocabulary and label entries are fixed by the model
+        own = {k: hf[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                  "attention_window", "max_position_embeddings", "layer_norm_eps", "hidden_act",
+                                  "hidden_dropout_prob", "attention_probs_dropout_prob") if k in hf}
         return cls(**own, local_dim=int(data["local_dim"]), global_dim=int(data.get("global_dim", data["local_dim"])),
-                   use_global=bool(data.get("use_global", True)), num_scales=int(data.get("num_scales", 3)), extra=hf)
+                   use_global=bool(data.get("use_global", True)), num_scales=int(data.get("num_scales", 3)))
 
 
 _PAD_ID, _SEP_ID = 1, 2
@@ -175,7 +171,8 @@ class LocoreModel(nn.Module):
         self.language_model = _LanguageModel(config.longformer_config())
         self.scale_encoder = nn.Embedding(config.num_scales, hidden)
         self.local_to_lm = _projection(config.local_dim, hidden)
-        self.global_to_lm = _projection(config.global_dim, hidden)
+        # Models without global tokens have no global projection (the official "noglobal" models set global_dim = hidden).
+        self.global_to_lm = _projection(config.global_dim if config.use_global else hidden, hidden)
         self.set_attention(attn_implementation)
 
     def set_attention(self, name: str) -> None:

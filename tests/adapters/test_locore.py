@@ -377,10 +377,16 @@ def test_through_rerankers(small_checkpoint):
     np.testing.assert_allclose([r.score for r in ranked.results], expected.scores[expected.order], rtol=1e-6)
 
 
-def test_without_global_descriptors(small):
+def test_without_global_descriptors(tmp_path):
+    from safetensors.torch import save_file
+
+    model = LocoreModel(small_config(use_global=False))
+    assert not any(k.startswith("global_to_lm") for k in model.state_dict())  # as the official "noglobal" models
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_json()))
     rng = np.random.default_rng(6)
     images = [ImageFeatures(local=f.local, scale=f.scale) for f in random_images(rng, 8)]
-    reranker = small(use_global=False)
+    reranker = create_reranker("locore-tiny", checkpoint=tmp_path, device="cpu", num_locals=6, window=5, stride=2)
     assert reranker.config.tokens_per_image(6) == 7
     with pytest.raises(ValueError, match="global similarities"):
         reranker.rerank(images[0], images[1:])
