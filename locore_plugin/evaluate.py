@@ -370,7 +370,8 @@ def run(config: EvalConfig, log=print) -> dict:
             m.row: _jsonable({
                 "row": m.row, "method": m.name, "options": _path_stamp(m.options),
                 "stage_options": _path_stamp(m.stage_options), "common": common if m.name != GLOBAL_ROW else {},
-                "dataset": dataset, "fingerprint": fingerprint, **settings,
+                "dataset": dataset, "fingerprint": fingerprint,
+                **{k: v for k, v in settings.items() if m.name != GLOBAL_ROW or k != "top_k"},  # nothing re-ranked
             })
             for m in rows
         }

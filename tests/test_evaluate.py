@@ -1,0 +1,174 @@
+"""The evaluation runner on the tiny synthetic dataset: scores, table layout, resume, CLI, demo."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from locore_plugin import evaluate, synthetic
+from locore_plugin.evaluate import EvalConfig, MethodSpec, full_ranking
+from locore_plugin.metrics import compute_map, revisited_gnd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    synthetic.write(root, seed=0, size="tiny")
+    return root
+
+
+def _config(data_root, out, methods=("superglobal",), **kw):
+    return EvalConfig(datasets=["synthetic"], methods=[m if isinstance(m, MethodSpec) else MethodSpec(m) for m in methods],
+                      data_root=str(data_root), out=str(out), desc="synth", plots=kw.pop("plots", False), **kw)
+
+
+def test_full_ranking_puts_the_published_shortlist_first():
+    sims = np.array([[0.1, 0.9, 0.5, 0.3]], np.float32)
+    ranking, scores = full_ranking(sims)
+    assert ranking.tolist() == [[1, 2, 3, 0]] and scores[0].tolist() == pytest.approx([0.9, 0.5, 0.3, 0.1])
+    ranking, scores = full_ranking(sims, (np.array([[0.7, 0.6]]), np.array([[3, 0]])))
+    assert ranking.tolist() == [[3, 0, 1, 2]] and scores[0].tolist() == pytest.approx([0.7, 0.6, 0.9, 0.5])
+
+
+def test_global_row_matches_an_independent_computation(data_root, tmp_path):
+    report = evaluate.run(_config(data_root, tmp_path, methods=()), log=lambda *a: None)
+    data = synthetic.generate(0, "tiny")
+    ranks = np.argsort(-(data.query_global @ data.gallery_global.T), axis=1, kind="stable").T
+    gnd = data.gnd["gnd"]
+    got = report["results"]["global"]["synthetic"]
+    assert got["medium"]["mAP"] == pytest.approx(compute_map(ranks, revisited_gnd(gnd, "medium"))[0])
+    assert got["hard"]["mAP"] == pytest.approx(compute_map(ranks, revisited_gnd(gnd, "hard"))[0])
+    assert got["hard*"]["mAP"] == got["hard"]["mAP"]  # no re-ranking: removing easy (junk in Hard) changes nothing
+
+
+def test_truncated_metric_scores_the_published_shortlist(data_root, tmp_path):
+    report = evaluate.run(_config(data_root, tmp_path, methods=(), metric="truncated", nn="global", junk="keep"),
+                          log=lambda *a: None)
+    from locore_plugin.descriptors import read_nn
+
+    _, idx = read_nn(data_root / "synthetic" / "nn_global.pkl")
+    gnd = synthetic.generate(0, "tiny").gnd["gnd"]
+    expected = compute_map(idx.T, revisited_gnd(gnd, "medium"), truncated=True)[0]
+    assert report["results"]["global"]["synthetic"]["medium"]["mAP"] == pytest.approx(expected)
+
+
+def test_tables_follow_the_supplementary_table_b_layout(data_root, tmp_path):
+    config = _config(data_root, tmp_path, plots=True)
+    report = evaluate.run(config, log=lambda *a: None)
+    md = (tmp_path / "results.md").read_text().splitlines()
+    assert md[0] == "| Method | Synth Medium | Synth Hard | Synth Hard* |"
+    assert [line.split("|")[1].strip() for line in md[2:4]] == ["global", "superglobal"]
+    for line, row in zip(md[2:4], ("global", "superglobal")):
+        cells = [c.strip() for c in line.split("|")[2:-1]]
+        expected = [f"{100 * report['results'][row]['synthetic'][p]['mAP']:.1f}" for p in ("medium", "hard", "hard*")]
+        assert cells == expected
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["method", "Synth Medium", "Synth Hard", "Synth Hard*"] and [r[0] for r in rows[1:]] == ["global", "superglobal"]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["settings"]["junk"] == "remove" and set(summary["results"]["superglobal"]["synthetic"]) == {"medium", "hard", "hard*"}
+    with open(tmp_path / "per_query_ap.csv") as f:
+        per_query = list(csv.DictReader(f))
+    nq = len(synthetic.generate(0, "tiny").query_global)
+    assert len(per_query) == 3 * nq and set(per_query[0]) == {"dataset", "protocol", "query", "global", "superglobal"}
+    aps = [float(r["superglobal"]) for r in per_query if r["protocol"] == "medium"]
+    assert np.mean(aps) == pytest.approx(report["results"]["superglobal"]["synthetic"]["medium"]["mAP"])
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["synthetic__global__vs__superglobal.png"]
+    assert (tmp_path / "plots" / plots[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_interrupted_run_resumes_and_a_finished_one_reprints_without_work(data_root, tmp_path, monkeypatch):
+    methods = ("superglobal", MethodSpec("superglobal", {"K": 3}, label="superglobal-K3"))
+    computed = []
+    original = evaluate.DatasetEvaluation.run
+
+    def counting(self, reranker=None, top_k=100, batch_size=8, label=""):
+        if label == "superglobal-K3" and fail[0]:
+            raise KeyboardInterrupt
+        computed.append(label or "global")
+        return original(self, reranker, top_k, batch_size, label)
+
+    monkeypatch.setattr(evaluate.DatasetEvaluation, "run", counting)
+    fail = [True]
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(_config(data_root, tmp_path, methods), log=lambda *a: None)
+    assert computed == ["global", "superglobal"]
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+    fail[0] = False
+    computed.clear()
+    first = evaluate.run(_config(data_root, tmp_path, methods), log=lambda *a: None)
+    assert computed == ["superglobal-K3"]  # only what the interruption lost
+
+    computed.clear()
+    monkeypatch.setattr(evaluate, "load_dataset", lambda *a, **k: pytest.fail("a finished run must not load data"))
+    again = evaluate.run(_config(data_root, tmp_path, methods), log=lambda *a: None)
+    assert computed == [] and again == first
+
+
+def test_a_changed_setting_is_computed_again(data_root, tmp_path):
+    evaluate.run(_config(data_root, tmp_path), log=lambda *a: None)
+    entries = len(list((tmp_path / "cache").rglob("*.json")))
+    evaluate.run(_config(data_root, tmp_path, top_k=20), log=lambda *a: None)
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == entries + 1  # the global row is unchanged by top_k
+
+
+def test_options_reach_rows_and_chain_stages():
+    methods = [MethodSpec("superglobal"), MethodSpec("superglobal+locore-base")]
+    evaluate.apply_options(methods, ["superglobal.K=3", "locore-base.checkpoint=\"/ckpt\"", "superglobal+locore-base.dtype=bf16"])
+    assert methods[0].options == {"K": 3}
+    assert methods[1].stage_options == {"superglobal": {"K": 3}, "locore-base": {"checkpoint": "/ckpt"}}
+    assert methods[1].options == {"dtype": "bf16"}
+    with pytest.raises(evaluate.EvaluationError, match="no method"):
+        evaluate.apply_options(methods, ["gv.threshold=0.1"])
+
+
+def test_recipes_parse_and_cover_the_tox_envs():
+    tox = (ROOT / "tox.ini").read_text()
+    for name, dataset in {"roxf": "roxford5k", "rpar": "rparis6k", "roxf1m": "roxford5k+1m", "rpar1m": "rparis6k+1m"}.items():
+        recipe = evaluate.read_recipe(ROOT / "recipes" / f"eval_{name}.toml")
+        assert recipe["datasets"] == [dataset] and recipe["methods"][0].name == "superglobal"
+        assert f"{name}: python -m locore_plugin.evaluate --recipe {{toxinidir}}/recipes/eval_{name}.toml {{posargs}}" in tox
+    assert "passenv" in tox and all(v in tox for v in ("LOCORE_DATA", "CUDA_VISIBLE_DEVICES", "HF_HOME"))
+
+
+def test_the_tox_entry_fails_cleanly_without_locore_data(monkeypatch, capsys):
+    monkeypatch.delenv("LOCORE_DATA", raising=False)
+    assert evaluate.main(["--recipe", str(ROOT / "recipes" / "eval_roxf.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "LOCORE_DATA is not set" in err and "Traceback" not in err
+
+
+def test_a_missing_file_is_named_with_where_to_get_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LOCORE_DATA", str(tmp_path))
+    (tmp_path / "roxford5k").mkdir()
+    assert evaluate.main(["--recipe", str(ROOT / "recipes" / "eval_roxf.toml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "gnd_roxford5k.pkl" in err and "http" in err
+
+
+def test_cli_eval_prints_the_table(data_root, tmp_path, capsys):
+    from locore_plugin.cli import main
+
+    rc = main(["eval", "--data-root", str(data_root), "--dataset", "synthetic", "--desc", "synth",
+               "--reranker", "superglobal", "--option", "superglobal.K=2", "--protocols", "medium,hard",
+               "--junk", "keep", "--out", str(tmp_path), "--no-plots"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| Method | Synth Medium | Synth Hard |" in out and "junk: keep" in out
+
+
+def test_demo_runs_training_free_rerankers_and_leaves_out_untrained_ones(tmp_path):
+    lines = []
+    report = evaluate.demo(tmp_path, size="tiny", rerankers=["superglobal", "locore-tiny", "superglobal+locore-tiny"],
+                           log=lines.append)
+    assert list(report["results"]) == ["global", "superglobal"]
+    left = [line for line in lines if line.startswith("left out")]
+    assert len(left) == 2 and all("locore-tiny" in line and "checkpoint" in line for line in left)
+    assert (tmp_path / "results" / "results.md").is_file() and (tmp_path / "data" / "synthetic" / "synthetic.json").is_file()
