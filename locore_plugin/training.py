@@ -295,9 +295,9 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 mixed precision needs a CUDA device; use bf16 or fp32 on CPU")
         if self.dataset is None:
-            from .training_data import TrainingLists
+            from .training_data import training_data
 
-            self.dataset = TrainingLists(**{"seed": cfg.seed, **cfg.data})
+            self.dataset = training_data(cfg.data, cfg.seed)
         if self.validate is None and cfg.validation is not None:
             self.validate = build_validation(cfg.validation)
         self.steps_per_epoch = len(self.dataset) // self.global_batch
@@ -598,8 +598,54 @@ def _atomic_save_pretrained(reranker, folder: Path, extra: Optional[dict] = None
 
 
 def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
-    """The held-out evaluation run after every epoch; see ``[validation]`` in the recipes."""
-    raise NotImplementedError  # replaced once the evaluation helpers land
+    """The held-out evaluation run after every epoch (the ``[validation]`` table of a recipe).
+
+    Either a revisited dataset in the official layout (``dataset``, ``desc``, ``data_root``
+    (default ``$LOCORE_DATA``), optional ``nn``) or ``synthetic = {seed, size}`` with a
+    ``directory`` to write it to; ``protocols`` (default Medium), ``junk`` (default ``remove``, as
+    the LoCoRE evaluation code), ``top_k`` re-ranked images (default 100), ``num_locals``,
+    ``batch_size``. Returns ``{"<protocol>_mAP": ...}`` in percent, the first protocol first (the
+    best checkpoint is chosen by it), plus the global-only mAPs for reference.
+    """
+    from .descriptors import open_revisited, read_nn
+    from .evaluate import DatasetEvaluation, EvalData
+
+    options = dict(options)
+    protocols = list(options.pop("protocols", ["medium"]))
+    junk = options.pop("junk", "remove")
+    top_k = int(options.pop("top_k", 100))
+    batch_size = int(options.pop("batch_size", 8))
+    num_locals = options.pop("num_locals", None)
+    nn = options.pop("nn", None)
+    synthetic = options.pop("synthetic", None)
+    if synthetic is not None:
+        from .training_data import write_synthetic_benchmark
+
+        directory = options.pop("directory", None)
+        if directory is None:
+            raise ValueError("a synthetic validation set needs validation.directory (where it is written)")
+        dataset, desc, root = write_synthetic_benchmark(directory, **synthetic)
+    else:
+        if "dataset" not in options:
+            raise ValueError("validation needs `dataset` (and `desc`, `data_root`) or `synthetic`")
+        dataset, desc, root = options.pop("dataset"), options.pop("desc", "dinov2"), options.pop("data_root", None)
+    if options:
+        raise ValueError(f"unknown validation option(s) {sorted(options)}")
+    data = open_revisited(dataset, desc, root, num_locals=num_locals)
+    nq, ndb = len(data.queries), len(data.gallery)
+    data_nn = read_nn(data.nn_dir / f"nn_{nn}.pkl") if nn is not None else None
+    evaluation = DatasetEvaluation(
+        EvalData(dataset, data.gnd, data.queries.features(np.arange(nq)), data.gallery.features,
+                 data.queries.globals(np.arange(nq)), data.gallery.globals(np.arange(ndb)), data_nn),
+        protocols, junk,
+    )
+    baseline = {f"global_{p}_mAP": 100 * r["mAP"] for p, r in evaluation.run(None).items()}
+
+    def validate(reranker) -> dict:
+        scores = evaluation.run(reranker, top_k=top_k, batch_size=batch_size, label=reranker.name)
+        return {**{f"{p}_mAP": 100 * r["mAP"] for p, r in scores.items()}, **baseline}
+
+    return validate
 
 
 def train(config: TrainConfig, dataset=None, validate: Optional[Callable] = None) -> dict:

@@ -9,9 +9,14 @@ first ``topk`` global neighbours other than itself — the hard negatives come f
 shortlist itself — labelled 1 where the neighbour shows the same landmark. The gallery order is
 shuffled per list, as the official collator does, but from a generator seeded by
 (seed, epoch, index) instead of the global RNG, so that a resumed run sees the same lists.
+
+One extension of the official list: a negative landmark id marks a distractor, an image that
+only ever appears as a negative in other images' lists and is never a query itself.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from .descriptors import DescriptorSet, build_shortlist, read_nn, write_nn
 from .features import ImageFeatures
 
 
@@ -57,11 +63,12 @@ def read_image_list(path) -> np.ndarray:
 class TrainingLists(Dataset):
     """Lists of (query, first ``topk`` global neighbours, same-landmark labels), one per image.
 
-    ``features`` is any indexable collection of :class:`ImageFeatures` (e.g. the lazy HDF5 reader
-    of :func:`open_training_features`); ``neighbours`` (N, >= topk + 1) holds each image's global
-    neighbours, best first (the image itself, wherever it appears, is skipped); ``labels`` (N,)
-    the landmark ids. ``num_samples`` keeps the first images as queries (the official
-    ``num_training_samples``); their neighbours may be any image.
+    ``features`` is an indexable collection of :class:`ImageFeatures`, or anything with a
+    ``features(indices)`` method such as :class:`~locore_plugin.descriptors.DescriptorSet`;
+    ``neighbours`` (N, >= topk) holds each image's global neighbours, best first (the image
+    itself is skipped wherever it appears); ``labels`` (N,) the landmark ids (negative = a
+    distractor, never a query). ``num_samples`` keeps the first query images (the official
+    ``num_training_samples``).
     """
 
     def __init__(
@@ -98,36 +105,177 @@ class TrainingLists(Dataset):
         self.shuffle_gallery = bool(shuffle_gallery)
         self.seed = int(seed)
         self.epoch = 0
-        self.length = n if num_samples is None else min(int(num_samples), n)
+        self.queries = np.flatnonzero(labels >= 0)[:num_samples]
+        if len(self.queries) == 0:
+            raise ValueError("no image can be a query: every landmark id is negative (a distractor)")
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose gallery shuffles ``__getitem__`` draws (set before a loader starts its workers)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.queries)
 
-    def shortlist_indices(self, index: int) -> np.ndarray:
-        """The images of list ``index`` in the order the model sees them."""
-        if not 0 <= index < self.length:
-            raise IndexError(f"list {index} out of range [0, {self.length})")
-        row = self.neighbours[index]
-        row = row[row != index][: self.topk]
+    def shortlist_indices(self, index: int) -> tuple[int, np.ndarray]:
+        """List ``index``: its query image and its gallery images in the order the model sees them."""
+        if not 0 <= index < len(self.queries):
+            raise IndexError(f"list {index} out of range [0, {len(self.queries)})")
+        image = int(self.queries[index])
+        row = self.neighbours[image]
+        row = row[row != image][: self.topk]
         if len(row) < self.topk:
-            raise ValueError(f"image {index} has only {len(row)} neighbours other than itself; topk is {self.topk}")
+            raise ValueError(f"image {image} has only {len(row)} neighbours other than itself; topk is {self.topk}")
         if self.shuffle_gallery:
             row = row[np.random.default_rng([self.seed, self.epoch, index]).permutation(len(row))]
-        return row
+        return image, row
 
     def __getitem__(self, index: int) -> TrainingList:
-        index = int(index)
-        gallery = self.shortlist_indices(index)
-        images = _read(self.features, [index, *gallery.tolist()])
-        labels = (self.labels[gallery] == self.labels[index]).astype(np.float32)
-        return TrainingList(index, images[0], images[1:], labels)
+        image, gallery = self.shortlist_indices(int(index))
+        read = getattr(self.features, "features", None)
+        ids = [image, *gallery.tolist()]
+        images = list(read(ids)) if read is not None else [self.features[i] for i in ids]
+        labels = (self.labels[gallery] == self.labels[image]).astype(np.int64)
+        return TrainingList(image, images[0], images[1:], labels)
 
 
-def _read(features, indices: Sequence[int]) -> list:
-    """Several images at once when the collection can (HDF5 reads in one sorted selection)."""
-    many = getattr(features, "read_many", None)
-    return list(many(indices)) if many is not None else [features[i] for i in indices]
+class _LazyDescriptors:
+    """A :class:`DescriptorSet` opened in the process that reads it (HDF5 handles do not survive a
+    fork into DataLoader workers, nor pickling for spawned ones)."""
+
+    def __init__(self, local, global_desc, num_images: int, num_locals: Optional[int]):
+        self.args = ([(local, global_desc)], [num_images], num_locals)
+        self.num_images = num_images
+        self._set, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def features(self, indices) -> list:
+        if self._pid != os.getpid():
+            self._set, self._pid = DescriptorSet(*self.args), os.getpid()
+        return self._set.features(indices)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_set": None, "_pid": None}
+
+
+def open_training_lists(
+    image_list,
+    local,
+    nn,
+    global_desc=None,
+    num_locals: Optional[int] = 48,
+    topk: int = 100,
+    shuffle_gallery: bool = True,
+    seed: int = 0,
+    num_samples: Optional[int] = None,
+) -> TrainingLists:
+    """The official training files as lists: ``image_list`` (``path,landmark_id,w,h``), ``local``
+    (HDF5 [N, topk, 5 + D]), ``nn`` (pickle [2, N, >= topk + 1]), optional ``global_desc`` (raw
+    float32 [N, D]); ``num_locals`` strongest locals per image (the official default: 48 with a
+    global descriptor, 49 without)."""
+    labels = read_image_list(image_list)
+    _, neighbours = read_nn(nn)
+    features = _LazyDescriptors(local, global_desc, len(labels), num_locals)
+    features.features([0])  # fail now, not in a worker, when a file is missing or mis-sized
+    return TrainingLists(features, neighbours, labels, topk, shuffle_gallery, seed, num_samples)
+
+
+def training_data(options: dict, seed: int = 0) -> TrainingLists:
+    """The ``[data]`` table of a training recipe: the official files, or ``synthetic = {...}``
+    (a split written once into ``directory`` by :func:`write_synthetic_split`)."""
+    options = dict(options)
+    synthetic = options.pop("synthetic", None)
+    if synthetic is not None:
+        directory = options.pop("directory", None)
+        if directory is None:
+            raise ValueError("a synthetic training split needs data.directory (where it is written)")
+        options = {**write_synthetic_split(directory, **synthetic), **options}
+    return open_training_lists(**{"seed": seed, **options})
+
+
+# -- a synthetic training split ------------------------------------------------------------------
+
+SYNTHETIC_FILES = {"image_list": "train.txt", "local": "synth_local.hdf5", "global_desc": "synth_global.pt",
+                   "nn": "nn_synth.pkl"}
+
+
+def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str = "small", depth: int = 200) -> dict:
+    """Write a training split in the official layout from synthetic worlds (one per seed) and return
+    the ``open_training_lists`` paths; an existing split written with the same arguments is reused.
+
+    Every seed's queries and same-instance gallery views get that instance's landmark id; the other
+    gallery images (views of never-queried instances, look-alikes) are distractors (id -1): their
+    instances are not recorded in the ground truth, so they serve only as negatives. Train on
+    seeds other than the held-out benchmark's: different seeds draw different instances.
+    """
+    import h5py
+
+    from .synthetic import generate
+
+    directory = Path(directory)
+    paths = {k: str(directory / v) for k, v in SYNTHETIC_FILES.items()}
+    stamp = {"seeds": [int(s) for s in seeds], "size": size, "depth": int(depth)}
+    marker = directory / "split.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return paths
+    if not stamp["seeds"]:
+        raise ValueError("write_synthetic_split needs at least one seed")
+    local, globals_, labels = [], [], []
+    for world, seed in enumerate(stamp["seeds"]):
+        data = generate(seed, size)
+        nq = len(data.query_local)
+        gallery = np.full(len(data.gallery_local), -1, np.int64)
+        first = world * (nq + 1)  # unique ids across worlds
+        query_labels = np.empty(nq, np.int64)
+        for q, entry in enumerate(data.gnd["gnd"]):
+            same = np.asarray(entry["easy"] + entry["hard"] + entry["junk"], np.int64)
+            known = np.unique(gallery[same][gallery[same] >= 0])
+            query_labels[q] = known[0] if len(known) else first + q
+            gallery[same] = query_labels[q]
+        local += [data.query_local, data.gallery_local]
+        globals_ += [data.query_global, data.gallery_global]
+        labels += [query_labels, gallery]
+    local, globals_, labels = np.concatenate(local), np.concatenate(globals_).astype("<f4"), np.concatenate(labels)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    with h5py.File(directory / f".{SYNTHETIC_FILES['local']}.tmp", "w") as f:
+        f.create_dataset("features", data=local.astype("<f4"))
+    os.replace(directory / f".{SYNTHETIC_FILES['local']}.tmp", paths["local"])
+    globals_.tofile(directory / f".{SYNTHETIC_FILES['global_desc']}.tmp")
+    os.replace(directory / f".{SYNTHETIC_FILES['global_desc']}.tmp", paths["global_desc"])
+    sims, idx = build_shortlist(globals_, globals_, depth, verbose=False)
+    write_nn(paths["nn"], sims, idx)
+    lines = [f"synthetic/{i:06d}.jpg,{label},512,384" for i, label in enumerate(labels)]
+    (directory / SYNTHETIC_FILES["image_list"]).write_text("\n".join(lines) + "\n")
+    marker.write_text(json.dumps(stamp))
+    return paths
+
+
+def write_synthetic_benchmark(directory, seed: int = 0, size: str = "small") -> tuple[str, str, str]:
+    """Write the held-out synthetic world ``seed`` as a revisited dataset (``gnd_synthetic.pkl``,
+    ``synth_{query,gallery}_{local.hdf5,global.pt}``) under ``directory/synthetic``; returns
+    ``(dataset, desc, root)`` for :func:`~locore_plugin.descriptors.open_revisited`."""
+    import pickle
+
+    import h5py
+
+    from .synthetic import DATASET, DESCRIPTOR, generate
+
+    root = Path(directory)
+    folder = root / DATASET
+    stamp = {"seed": int(seed), "size": size}
+    marker = folder / "benchmark.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return DATASET, DESCRIPTOR, str(root)
+    data = generate(int(seed), size)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    for split, local, global_ in (("query", data.query_local, data.query_global),
+                                  ("gallery", data.gallery_local, data.gallery_global)):
+        with h5py.File(folder / f"{DESCRIPTOR}_{split}_local.hdf5", "w") as f:
+            f.create_dataset("features", data=local.astype("<f4"))
+        global_.astype("<f4").tofile(folder / f"{DESCRIPTOR}_{split}_global.pt")
+    (folder / f"gnd_{DATASET}.pkl").write_bytes(pickle.dumps(data.gnd, protocol=2))
+    marker.write_text(json.dumps(stamp))
+    return DATASET, DESCRIPTOR, str(root)

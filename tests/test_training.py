@@ -60,7 +60,7 @@ class TinyReranker(TrainableReranker):
 
     def training_loss(self, queries, shortlists, labels, module=None):
         logits = (module or self.module)(*self._inputs(queries, shortlists))
-        target = torch.as_tensor(np.stack(labels), device=logits.device)
+        target = torch.as_tensor(np.stack(labels), dtype=torch.float32, device=logits.device)
         return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean(1).mean()
 
     def save_pretrained(self, directory):
