@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -97,23 +97,12 @@ class EvalConfig:
 
 def resolve_data_root(data_root: Optional[str]) -> Path:
     """The dataset root: the argument, else ``$LOCORE_DATA``; a clear error when neither is set."""
-    root = data_root or os.environ.get("LOCORE_DATA")
-    if not root:
-        raise EvaluationError(
-            "LOCORE_DATA is not set and no --data-root was given: point it at the folder that holds one "
-            "sub-folder per dataset (roxford5k/, rparis6k/, ...) with the official descriptor files. "
-            + _official_data_hint()
-        )
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise EvaluationError(f"the dataset root {path} (LOCORE_DATA / --data-root) is not a folder")
-    return path
+    from .descriptors import data_root as find_root
 
-
-def _official_data_hint() -> str:
-    from .pickles import OFFICIAL_DATA
-
-    return f"Where the official data are published: {OFFICIAL_DATA}"
+    try:
+        return find_root(data_root or None)
+    except FileNotFoundError as error:
+        raise EvaluationError(f"{error} (set the LOCORE_DATA environment variable or pass --data-root)") from None
 
 
 # --------------------------------------------------------------------------- data and rankings
@@ -164,7 +153,7 @@ def full_ranking(sims: np.ndarray, nn: Optional[tuple[np.ndarray, np.ndarray]] =
     [nq, K], indices [nq, K])`` its K images come first, in its order and with its scores (what
     the official code gives the re-rankers), and the rest follow by ``sims``.
     """
-    order = np.argsort(-sims, axis=1, kind="stable")
+    order = np.argsort(-sims, axis=1, kind="stable").astype(np.int32 if sims.shape[1] < 2**31 else np.int64)
     if nn is None:
         return order, np.take_along_axis(sims, order, 1)
     nn_scores, nn_idx = np.asarray(nn[0], np.float32), np.asarray(nn[1], np.int64)
