@@ -1,0 +1,208 @@
+"""RRT against the official model's outputs (../shared/golden/rrt), plus scale bins, pair sampling and input checks."""
+import json
+import lzma
+
+import numpy as np
+import pytest
+import torch
+
+from locore_plugin import ImageFeatures, create_reranker
+from locore_plugin.features import stack_locals
+
+
+def unxz(path, target):
+    target.write_bytes(lzma.decompress(path.read_bytes()))
+    return target
+
+
+def images(inputs, role):
+    """ImageFeatures from the official model-ready arrays (mask True = padding, NaN scale = padding)."""
+    return [
+        ImageFeatures(global_desc=g, local=l, mask=~m, scale=np.nan_to_num(s), xy=p)
+        for g, l, m, s, p in zip(
+            inputs[f"{role}_global"], inputs[f"{role}_local"], inputs[f"{role}_mask"],
+            inputs[f"{role}_scale_values"], inputs[f"{role}_positions"],
+        )
+    ]
+
+
+def load_case(case):
+    inputs = np.load(case / "inputs.npz")
+    config = json.loads((case / "config.json").read_text())
+    return images(inputs, "query"), images(inputs, "gallery"), inputs, np.load(case / "outputs.npz"), config
+
+
+def rrt(checkpoint, config, name="rrt", **kw):
+    length = config["max_sequence_len"]
+    return create_reranker(name, checkpoint=checkpoint, query_length=length, gallery_length=length, **kw)
+
+
+def all_pairs(reranker, queries, gallery):
+    return np.stack([r.scores for r in reranker.rerank_many(queries, [gallery] * len(queries))])
+
+
+@pytest.mark.golden("rrt")
+@pytest.mark.parametrize("container", ["checkpoint.pt.xz", "weights.safetensors.xz"])
+def test_logits_match_official(golden_case, container, tmp_path):
+    queries, gallery, _, outputs, config = load_case(golden_case)
+    suffix = ".pt" if container.endswith(".pt.xz") else ".safetensors"
+    reranker = rrt(unxz(golden_case / container, tmp_path / f"w{suffix}"), config, batch_size=5)
+    np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["logits"], atol=1e-4, rtol=0)
+    qi, gi = outputs["debug_pair"]
+    single = rrt(tmp_path / f"w{suffix}", config, batch_size=1).rerank(queries[qi], [gallery[gi]]).scores
+    np.testing.assert_allclose(single, outputs["debug_logit"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.golden("rrt")
+def test_raw_delg_features_give_the_official_inputs(golden_case, tmp_path):
+    """From the raw ragged features (attention as detector weight): same truncation, scale bins and logits."""
+    from locore_plugin.adapters.rrt import scale_index
+
+    _, _, inputs, outputs, config = load_case(golden_case)
+    raw = np.load(golden_case / "raw_delg.npz")
+    bounds = np.r_[0, np.cumsum(raw["feature_counts"])]
+    features = []
+    for i in range(len(raw["image_names"])):
+        part = slice(bounds[i], bounds[i + 1])
+        yx = raw["locations_yx"][part]
+        features.append(ImageFeatures(
+            global_desc=raw["global_desc"][i], local=raw["descriptors"][part], scale=raw["scales"][part],
+            weight=raw["attention"][part], xy=np.stack([yx[:, 1] / raw["widths"][i], yx[:, 0] / raw["heights"][i]], -1),
+        ))
+    n_query = len(inputs["query_global"])
+    length = config["max_sequence_len"]
+    for role, group in (("query", features[:n_query]), ("gallery", features[n_query:])):
+        stacked = stack_locals(group, length, ("scale", "xy"))
+        np.testing.assert_array_equal(stacked["local"], inputs[f"{role}_local"])
+        np.testing.assert_array_equal(stacked["mask"], ~inputs[f"{role}_mask"])
+        np.testing.assert_array_equal(stacked["xy"], inputs[f"{role}_positions"])
+        bins = scale_index(torch.from_numpy(stacked["scale"])).numpy()
+        np.testing.assert_array_equal(np.where(stacked["mask"], bins, 0), inputs[f"{role}_scale_inds"])
+    reranker = rrt(unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt"), config)
+    got = all_pairs(reranker, features[:n_query], features[n_query:])
+    np.testing.assert_allclose(got, outputs["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.golden("rrt")
+def test_scale_bins_follow_the_official_bisect(golden_case):
+    from locore_plugin.adapters.rrt import scale_index
+
+    mapping = json.loads((golden_case / "scale_mapping.json").read_text())["mapping"]
+    scales = torch.tensor([m["scale"] for m in mapping], dtype=torch.float64)
+    assert scale_index(scales).tolist() == [m["index"] for m in mapping]
+    # the scales real files hold are float32 values: the float32 path gives the same bins
+    f32 = [m for m in mapping if np.float64(np.float32(m["scale"])) == m["scale"]]
+    got = scale_index(torch.tensor([m["scale"] for m in f32], dtype=torch.float32)).tolist()
+    assert got == [m["index"] for m in f32]
+    assert {m["index"] for m in mapping if "DELG feature scale" in m["note"]} == {0, 2, 4, 6}
+
+
+def push_down(inds, junk):
+    is_junk = np.isin(inds, junk)
+    return np.r_[inds[~is_junk], inds[is_junk]]
+
+
+@pytest.mark.golden("rrt")
+def test_official_ranking_by_logit_alone(golden_case, tmp_path):
+    queries, gallery, inputs, outputs, config = load_case(golden_case)
+    gnd = json.loads((golden_case / "gnd.json").read_text())["gnd"]
+    reranker = rrt(unxz(golden_case / "weights.safetensors.xz", tmp_path / "w.safetensors"), config, top_k=100)
+    assert reranker.fusion is None
+    for name, junk_of in [("medium", lambda g: g["junk"]), ("hard", lambda g: g["junk"] + g["easy"])]:
+        lists = np.stack([push_down(inputs["nn_inds"][i], junk_of(g)) for i, g in enumerate(gnd)])
+        np.testing.assert_array_equal(lists, outputs[f"{name}_nn_inds"])
+        results = reranker.rerank_many(queries, [[gallery[j] for j in row] for row in lists])
+        np.testing.assert_allclose(np.stack([r.scores for r in results]), outputs[f"{name}_scores"], atol=1e-4)
+        ranks = np.stack([row[r.order] for row, r in zip(lists, results)])
+        np.testing.assert_array_equal(ranks, outputs[f"{name}_ranks"])
+
+
+@pytest.mark.golden("rrt")
+def test_fusion_is_optional(golden_case, tmp_path):
+    queries, gallery, inputs, outputs, config = load_case(golden_case)
+    reranker = rrt(unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt"), config, fusion=(0.5, 0.1))
+    result = reranker.rerank(queries[0], gallery, inputs["global_sims"][0])
+    expected = 0.5 * inputs["global_sims"][0] + 0.5 / (1 + np.exp(-0.1 * outputs["logits"][0].astype(np.float64)))
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5)
+
+
+@pytest.mark.golden("rrt")
+def test_training_pairs_follow_the_official_sampler(golden_case, tmp_path):
+    queries, gallery, _, outputs, config = load_case(golden_case)
+    reranker = rrt(unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt"), config)
+    labels = [
+        np.r_[np.ones(5), np.zeros(7)],  # 5 positives: an anchor
+        np.r_[np.ones(4), np.zeros(8)],  # 4 positives: skipped
+        np.r_[np.zeros(2), np.ones(10)],  # an anchor
+    ]
+    lists, items, targets = reranker.sample_pairs(labels, np.random.default_rng(0))
+    assert lists.tolist() == [0, 0, 2, 2] and targets.tolist() == [1, 0, 1, 0]
+    assert labels[0][items[0]] == 1 and labels[0][items[1]] == 0 and labels[2][items[2]] == 1 and labels[2][items[3]] == 0
+    # only the first 100 neighbours count: positives beyond them do not make an anchor
+    assert len(reranker.sample_pairs([np.r_[np.zeros(100), np.ones(20)]], np.random.default_rng(0))[0]) == 0
+
+    reranker.rng = np.random.default_rng(7)
+    loss = reranker.training_loss(queries, [gallery] * len(queries), labels)
+    lists, items, targets = reranker.sample_pairs(labels, np.random.default_rng(7))
+    x = outputs["logits"][lists, items].astype(np.float64)
+    assert loss.item() == pytest.approx(np.mean(np.logaddexp(0, x) - targets * x), abs=1e-5)
+    loss.backward()
+    assert reranker.module.scale_encoder.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="no training pairs"):
+        reranker.training_loss(queries[:1], [gallery], [np.zeros(len(gallery))])
+
+
+@pytest.mark.golden("rrt")
+def test_save_pretrained_round_trip(golden_case, tmp_path):
+    queries, gallery, _, _, config = load_case(golden_case)
+    reranker = rrt(unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt"), config)
+    reranker.save_pretrained(tmp_path / "saved")
+    again = rrt(tmp_path / "saved", config)
+    np.testing.assert_array_equal(all_pairs(again, queries[:1], gallery), all_pairs(reranker, queries[:1], gallery))
+
+
+def tiny(**kw):
+    config = dict(d_global=12, d_model=8, nhead=2, num_encoder_layers=2, dim_feedforward=16)
+    return create_reranker("rrt", pretrained=False, config=config, query_length=6, gallery_length=6, **kw)
+
+
+def image(rng, n=4, d_local=8, d_global=12, scale=1.0, **kw):
+    return ImageFeatures(global_desc=rng.normal(size=d_global), local=rng.normal(size=(n, d_local)),
+                         scale=np.full(n, scale), **kw)
+
+
+def test_registered_defaults_and_keys():
+    r = create_reranker("rrt", pretrained=False)
+    assert (r.query_length, r.gallery_length, r.fusion, r.top_k) == (500, 500, None, None)
+    assert sorted(k for k in r.module.state_dict() if not k.startswith("encoder.")) == [
+        "classifier.bias", "classifier.weight", "remap.bias", "remap.weight", "scale_encoder.weight", "seg_encoder.weight",
+    ]
+    big = create_reranker("rrt-768", pretrained=False, config=dict(num_encoder_layers=1))
+    assert big.module.remap.weight.shape == (768, 768) and (big.local_dim, big.global_dim) == (768, 768)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    q = image(rng)
+    assert np.isfinite(tiny().rerank(q, [image(rng, n=1), image(rng, n=9)]).scores).all()
+    with pytest.raises(ValueError, match=r"needs the column\(s\) \['scale'\]"):
+        tiny().rerank(q, [ImageFeatures(global_desc=rng.normal(size=12), local=rng.normal(size=(3, 8)))])
+    with pytest.raises(ValueError, match="global_desc"):
+        tiny().rerank(q, [ImageFeatures(local=rng.normal(size=(3, 8)), scale=np.ones(3))])
+    with pytest.raises(ValueError, match="local descriptors have dimension 5, but the model expects 8"):
+        tiny().rerank(q, [image(rng, d_local=5)])
+    with pytest.raises(ValueError, match="global descriptors have dimension 7, but the model expects 12"):
+        tiny().rerank(image(rng, d_global=7), [image(rng, d_global=7)])
+    with pytest.raises(ValueError, match="scale 0.3 is below the smallest scale bin 0.5"):
+        tiny().rerank(q, [image(rng, scale=0.3)])
+    with pytest.raises(ValueError, match="no valid local descriptors"):
+        tiny().rerank(q, [image(rng, mask=np.zeros(4, bool))])
+    with pytest.raises(ValueError, match="NaN"):
+        image(rng, scale=np.nan)
+    with pytest.raises(ValueError, match="checkpoint="):
+        create_reranker("rrt")
+    with pytest.raises(TypeError):
+        create_reranker("rrt", pretrained=False, lamb=0.5)
+    torch.save({"state": {"remap.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pt")
+    with pytest.raises(RuntimeError, match=r"(?s)missing keys .*classifier\.bias.*shape mismatches \(1\): remap\.weight"):
+        create_reranker("rrt", checkpoint=tmp_path / "bad.pt")
