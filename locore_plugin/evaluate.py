@@ -292,21 +292,6 @@ def dataset_fingerprint(root: Path, dataset: str, desc: str) -> str:
     return hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class ResultCache:
     """One JSON file per (method, dataset, settings): written atomically, read back on resume."""
 
@@ -325,7 +310,14 @@ class ResultCache:
         return entry["scores"] if entry.get("key") == _jsonable(key) else None
 
     def put(self, key: dict, scores: dict) -> None:
-        write_atomic(self.path(key), json.dumps({"key": key, "scores": scores}))
+        _write_text(self.path(key), json.dumps({"key": key, "scores": scores}))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic: readers see the old file or the whole new one (an interrupted run leaves no half entry)."""
+    from .descriptors import _atomic_write
+
+    _atomic_write(path, text.encode())
 
 
 def _settings(config: EvalConfig) -> dict:
@@ -353,6 +345,7 @@ def run(config: EvalConfig, log=print) -> dict:
               if v is not None}
     built: dict[str, object] = {}
     results: dict[str, dict] = {m.row: {} for m in rows}
+    fresh: set[tuple[str, str]] = set()  # (row, dataset) computed in this run
     for dataset in config.datasets:
         fingerprint = dataset_fingerprint(root, dataset, config.desc)
         keys = {
@@ -386,8 +379,9 @@ def run(config: EvalConfig, log=print) -> dict:
                 scores = evaluation.run(built[m.row], config.top_k, config.batch_size or 8, m.row)
             cache.put(keys[m.row], scores)
             results[m.row][dataset] = scores
+            fresh.add((m.row, dataset))
     report = {"settings": {**settings, "datasets": list(config.datasets)}, "results": results}
-    write_outputs(report, out, plots=config.plots)
+    write_outputs(report, out, plots=config.plots, fresh=fresh)
     return report
 
 
@@ -430,15 +424,16 @@ def format_table(report: dict) -> str:
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
-def write_outputs(report: dict, out: Path, plots: bool = True) -> None:
-    """results.md / results.csv / results.json, per_query_ap.csv and (optionally) plots/*.png."""
+def write_outputs(report: dict, out: Path, plots: bool = True, fresh=None) -> None:
+    """results.md / results.csv / results.json, per_query_ap.csv and (optionally) plots/*.png
+    (see :func:`write_plots` for ``fresh``)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.md", format_table(report))
+    _write_text(out / "results.md", format_table(report))
     columns = _columns(report)
     rows = [["method", *(_header(d, p) for d, p in columns)]]
     for row, per_dataset in report["results"].items():
         rows.append([row, *(_csv_number(per_dataset.get(d, {}).get(p, {}).get("mAP")) for d, p in columns)])
-    write_atomic(out / "results.csv", _csv(rows))
+    _write_text(out / "results.csv", _csv(rows))
     summary = {
         "settings": report["settings"],
         "results": {
@@ -446,16 +441,16 @@ def write_outputs(report: dict, out: Path, plots: bool = True) -> None:
             for row, datasets in report["results"].items()
         },
     }
-    write_atomic(out / "results.json", json.dumps(summary, indent=1))
+    _write_text(out / "results.json", json.dumps(summary, indent=1))
     per_query = [["dataset", "protocol", "query", *report["results"]]]
     for d, p in columns:
         aps = {row: per.get(d, {}).get(p, {}).get("aps") for row, per in report["results"].items()}
         n = max((len(a) for a in aps.values() if a), default=0)
         for q in range(n):
             per_query.append([d, p, q, *(_csv_number(a[q] if a else None) for a in aps.values())])
-    write_atomic(out / "per_query_ap.csv", _csv(per_query))
+    _write_text(out / "per_query_ap.csv", _csv(per_query))
     if plots:
-        write_plots(report, out / "plots")
+        write_plots(report, out / "plots", fresh)
 
 
 def _csv_number(value) -> str:
@@ -470,9 +465,12 @@ def _csv(rows) -> str:
     return buffer.getvalue()
 
 
-def write_plots(report: dict, folder: Path) -> list[Path]:
+def write_plots(report: dict, folder: Path, fresh=None) -> list[Path]:
     """Per-query AP scatter plots (supplementary Figure A): every method against the global
-    ranking, and every pair of re-rankers; one PNG per dataset and pair, one panel per protocol."""
+    ranking, and every pair of re-rankers; one PNG per dataset and pair, one panel per protocol.
+
+    With ``fresh`` (a set of (row, dataset) computed just now) an existing PNG whose rows all came
+    from the cache is kept, so a finished run re-prints at once."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -487,7 +485,10 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
         protocols = report["settings"]["protocols"]
         for a, b in pairs:
             ra, rb = report["results"][a].get(dataset), report["results"][b].get(dataset)
-            if ra is None or rb is None:
+            path = folder / f"{_slug(dataset)}__{_slug(a)}__vs__{_slug(b)}.png"
+            if ra is None or rb is None or (
+                fresh is not None and path.is_file() and not {(a, dataset), (b, dataset)} & fresh
+            ):
                 continue
             fig, axes = plt.subplots(1, len(protocols), figsize=(3.2 * len(protocols), 3.4), squeeze=False)
             for ax, p in zip(axes[0], protocols):
@@ -499,7 +500,6 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
                        title=f"{_header(dataset, p)}: {100 * ra[p]['mAP']:.1f} vs {100 * rb[p]['mAP']:.1f}")
                 ax.set_aspect("equal")
             fig.tight_layout()
-            path = folder / f"{_slug(dataset)}__{_slug(a)}__vs__{_slug(b)}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)

@@ -81,6 +81,9 @@ def test_tables_follow_the_supplementary_table_b_layout(data_root, tmp_path):
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert plots == ["synthetic__global__vs__superglobal.png"]
     assert (tmp_path / "plots" / plots[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stamp = (tmp_path / "plots" / plots[0]).stat().st_mtime_ns
+    evaluate.run(config, log=lambda *a: None)  # everything cached: the plot is not redrawn
+    assert (tmp_path / "plots" / plots[0]).stat().st_mtime_ns == stamp
 
 
 def test_an_interrupted_run_resumes_and_a_finished_one_reprints_without_work(data_root, tmp_path, monkeypatch):
