@@ -387,7 +387,7 @@ class LocoreReranker(TrainableReranker):
 
             results += sliding_rerank([scores[i] for i in members], scorer, shortlist=self.shortlist,
                                       window=self.window, stride=self.stride, order=self.order, alpha=self.alpha,
-                                      temperature=self.temperature)
+                                      temperature=self.temperature, progress=bool(self.verbose) and len(chunks) == 1)
         return results
 
     # ---- training --------------------------------------------------------------------------------------
