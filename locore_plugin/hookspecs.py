@@ -22,7 +22,7 @@ def register_extractors(register):
     """Register feature extractors: what turns a raw image into :class:`locore_plugin.ImageFeatures`.
 
     Call ``register(name, factory, description=..., **metadata)`` once per name. ``factory(**kwargs)``
-    returns an :class:`locore_plugin.extractors.ImageExtractor`; like a re-ranker factory it
-    receives ``device``, ``dtype``, ``batch_size``, ``verbose`` and its own options, and rejects
-    the ones it does not know.
+    returns an :class:`locore_plugin.extractors.ImageExtractor`. It receives ``verbose`` (always
+    passed by ``rank()``), ``device``, ``dtype`` and ``batch_size`` where they apply, and its own
+    options, and rejects the ones it does not know.
     """
