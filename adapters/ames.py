@@ -59,7 +59,7 @@ class BinarizationLayer(nn.Module):
         self.sigma = sigma
 
     def forward(self, x):
-        x = F.normalize(x, p=2, dim=-1) @ self.W
+        x = F.normalize(x.float(), p=2, dim=-1).to(x.dtype) @ self.W
         if self.training:
             return torch.erf(x / (2 * self.sigma) ** 0.5)
         return torch.sign(x)
@@ -133,8 +133,8 @@ class AMES(nn.Module):
         nn.init.trunc_normal_(self.mtc_token, std=0.02)
 
     def forward(self, src_local, src_mask, tgt_local, tgt_mask):
-        src = self.remap_local(F.normalize(src_local, p=2, dim=-1))
-        tgt = self.remap_local(F.normalize(tgt_local, p=2, dim=-1))
+        src = self.remap_local(_normalize(src_local))
+        tgt = self.remap_local(_normalize(tgt_local))
         if not self.training and not self.binarized:
             tgt = tgt.half().to(src.dtype)  # the official evaluation's half-precision database
         batch, q, t = src.shape[0], src.shape[1], tgt.shape[1]
@@ -147,6 +147,12 @@ class AMES(nn.Module):
         within = (side[:, None] == side[None, :]) & (side[:, None] > 0)  # query <-> query, database <-> database
         x = self.decoder(tokens, sa_mask=across, ca_mask=within, padding=padding)
         return self.classifier(x[:, 0]).view(-1)
+
+
+def _normalize(x):
+    """L2 normalisation computed in float32: in float16 the official eps (1e-12) underflows and the
+    zero padding would become NaN."""
+    return F.normalize(x.float(), p=2, dim=-1).to(x.dtype)
 
 
 def _official_init(m):

@@ -116,16 +116,22 @@ class MatchERT(nn.Module):
     def forward(self, src_global, src_local, src_mask, src_scales, tgt_global, tgt_local, tgt_mask, tgt_scales):
         seg = self.seg_encoder.weight
         batch = src_local.shape[0]
-        src_g = F.normalize(self.remap(src_global), p=2, dim=-1) + seg[SEGMENTS["query_global"]]
-        tgt_g = F.normalize(self.remap(tgt_global), p=2, dim=-1) + seg[SEGMENTS["gallery_global"]]
-        src = F.normalize(src_local, p=2, dim=-1) + self.scale_encoder(src_scales) + seg[SEGMENTS["query_local"]]
-        tgt = F.normalize(tgt_local, p=2, dim=-1) + self.scale_encoder(tgt_scales) + seg[SEGMENTS["gallery_local"]]
+        src_g = _normalize(self.remap(src_global)) + seg[SEGMENTS["query_global"]]
+        tgt_g = _normalize(self.remap(tgt_global)) + seg[SEGMENTS["gallery_global"]]
+        src = _normalize(src_local) + self.scale_encoder(src_scales) + seg[SEGMENTS["query_local"]]
+        tgt = _normalize(tgt_local) + self.scale_encoder(tgt_scales) + seg[SEGMENTS["gallery_local"]]
         cls = seg[SEGMENTS["cls"]].expand(batch, 1, -1)
         sep = seg[SEGMENTS["sep"]].expand(batch, 1, -1)
         tokens = torch.cat([cls, src_g[:, None], src, sep, tgt_g[:, None], tgt], 1)
         visible = src_mask.new_zeros(batch, 2)
         padding = torch.cat([visible, src_mask, visible, tgt_mask], 1)
         return self.classifier(self.encoder(tokens, padding)[:, 0]).view(-1)
+
+
+def _normalize(x):
+    """L2 normalisation computed in float32: in float16 the official eps (1e-12) underflows and the
+    zero padding would become NaN."""
+    return F.normalize(x.float(), p=2, dim=-1).to(x.dtype)
 
 
 class RRTReranker(PairwiseReranker):

@@ -200,3 +200,12 @@ def test_checkpoint_of_another_variant_names_the_keys(golden_case, tmp_path):
         create_reranker("ames-cvnet", checkpoint=checkpoint)
     with pytest.raises(StateDictMismatchError, match=r"missing keys \(3\): remap_local\.0\.W, remap_local\.2\.bias"):
         create_reranker("ames-dinov2-binary", checkpoint=checkpoint)
+
+
+@pytest.mark.golden("ames")
+@pytest.mark.parametrize("dtype, atol", [("fp16", 0.1), ("bf16", 0.5)])
+def test_reduced_precision_stays_close(golden_case, dtype, atol, tmp_path):
+    """Zero padding stays zero through the L2 normalisation in float16 (the official eps underflows there)."""
+    queries, gallery, _, outputs, config = load_case(golden_case, tmp_path)
+    reranker = ames(unxz(golden_case / "weights.safetensors.xz", tmp_path / "w.safetensors"), config, dtype=dtype)
+    np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["raw_eval_f64"], atol=atol, rtol=0)

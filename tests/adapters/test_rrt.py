@@ -206,3 +206,12 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     torch.save({"state": {"remap.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pt")
     with pytest.raises(RuntimeError, match=r"(?s)missing keys .*classifier\.bias.*shape mismatches \(1\): remap\.weight"):
         create_reranker("rrt", checkpoint=tmp_path / "bad.pt")
+
+
+@pytest.mark.golden("rrt")
+@pytest.mark.parametrize("dtype, atol", [("fp16", 0.1), ("bf16", 0.5)])
+def test_reduced_precision_stays_close(golden_case, dtype, atol, tmp_path):
+    """Zero padding stays zero through the L2 normalisation in float16 (the official eps underflows there)."""
+    queries, gallery, _, outputs, config = load_case(golden_case)
+    reranker = rrt(unxz(golden_case / "weights.safetensors.xz", tmp_path / "w.safetensors"), config, dtype=dtype)
+    np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["logits_f64"], atol=atol, rtol=0)
