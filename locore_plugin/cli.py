@@ -22,8 +22,9 @@ def _add_list(subparsers):
 
 from .evaluate import add_demo_command, add_eval_command  # noqa: E402
 from .extractors import add_extract_command  # noqa: E402
+from .training import add_subcommand as add_train_command  # noqa: E402
 
-SUBCOMMANDS = [_add_list, add_eval_command, add_demo_command, add_extract_command]
+SUBCOMMANDS = [_add_list, add_eval_command, add_demo_command, add_extract_command, add_train_command]
 
 
 def main(argv=None) -> int:
