@@ -28,6 +28,7 @@ CONFIGS = {
     "rrt-768": dict(d_global=768, d_model=768, nhead=12, num_encoder_layers=6, dim_feedforward=3072, dropout=0.0,
                     activation="relu", normalize_before=False),
 }
+DEFAULT_SCALE_COLUMN = {"rrt": "value", "rrt-768": "index"}  # DELG files vs AMES-format DINOv2 files
 DESCRIPTIONS = {
     "rrt": "RRT (ICCV 2021) reranking transformer on DELG global + local descriptors",
     "rrt-768": "RRT* (LoCoRE supplementary): RRT with 768 hidden size on DINOv2 descriptors",
@@ -40,6 +41,9 @@ DESCRIPTIONS = {
 SCALES = (0.5, 0.70710677, 1.0, 1.41421354, 2.0, 2.82842708, 4.0)
 SEGMENTS = {"query_local": 0, "gallery_local": 1, "cls": 2, "sep": 3, "query_global": 4, "gallery_global": 5}
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+# What the ``scale`` column holds: DELG scale values (binned as above), or the scale-pyramid level
+# the AMES-format files store (``scale_enc``: 0 for single-scale DINOv2), used as the bin itself.
+SCALE_COLUMNS = ("value", "index")
 # RRT_GLD/utils/data/utils.py TripletSampler: anchors need >= 5 positives among their 100 neighbours.
 CANDIDATES = 100
 MIN_POSITIVES = 5
@@ -140,7 +144,10 @@ class RRTReranker(PairwiseReranker):
     columns = ("scale",)
     needs_global = True
 
-    def __init__(self, module: MatchERT, **kwargs):
+    def __init__(self, module: MatchERT, scale_column: str = "value", **kwargs):
+        if scale_column not in SCALE_COLUMNS:
+            raise ValueError(f"scale_column must be one of {SCALE_COLUMNS}, got {scale_column!r}")
+        self.scale_column = scale_column
         self.local_dim = module.config["d_model"]
         self.global_dim = module.config["d_global"]
         super().__init__(module, **kwargs)
@@ -152,11 +159,25 @@ class RRTReranker(PairwiseReranker):
         )
 
     def scale_bins(self, images: dict) -> torch.Tensor:
-        bins = scale_index(images["scale"])
-        if (bins[images["mask"]] < 0).any():
-            low = images["scale"][images["mask"] & (bins < 0)].min().item()
-            raise ValueError(f"{self.method}: local scale {low:g} is below the smallest scale bin {SCALES[0]}")
-        return bins.where(images["mask"], torch.zeros_like(bins))
+        """Scale-embedding rows of the valid locals (0 at padding)."""
+        scale, valid = images["scale"], images["mask"]
+        if self.scale_column == "value":
+            bins = scale_index(scale)
+            if (bins[valid] < 0).any():
+                low = scale[valid & (bins < 0)].min().item()
+                raise ValueError(
+                    f"{self.method}: local scale {low:g} is below the smallest scale bin {SCALES[0]} (scale "
+                    "columns that hold a pyramid-level index, as the AMES files do, need scale_column='index')"
+                )
+        else:
+            bins = scale.round().long()
+            bad = valid & ((bins != scale) | (bins < 0) | (bins >= len(SCALES)))
+            if bad.any():
+                raise ValueError(
+                    f"{self.method}: with scale_column='index' the scale column must hold integers 0..{len(SCALES) - 1}, "
+                    f"got {scale[bad][0].item():g}"
+                )
+        return bins.where(valid, torch.zeros_like(bins))
 
     def sample_pairs(self, labels, rng):
         """The official TripletSampler: anchors with >= 5 positives among their first ``CANDIDATES``
@@ -183,6 +204,7 @@ def build_rrt(
     config: Optional[dict] = None,
     query_length: int = 500,
     gallery_length: int = 500,
+    scale_column: Optional[str] = None,
     fusion: Optional[tuple[float, float]] = None,
     top_k: Optional[int] = None,
     device="cpu",
@@ -193,7 +215,9 @@ def build_rrt(
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
     ``config`` overrides architecture keys of the named config. ``fusion=(weight, temperature)``
-    ranks by the ensemble with the global similarity; None (the official behaviour) by the logit."""
+    ranks by the ensemble with the global similarity; None (the official behaviour) by the logit.
+    ``scale_column``: "value" (DELG scales, the default of ``rrt``) or "index" (a pyramid-level
+    index as in the AMES-format files, the default of ``rrt-768``)."""
     settings = dict(CONFIGS[name])
     state = None
     if checkpoint is not None:
@@ -216,6 +240,7 @@ def build_rrt(
         load_strict(module, state, source=str(checkpoint))
     return RRTReranker(
         module,
+        scale_column=DEFAULT_SCALE_COLUMN[name] if scale_column is None else scale_column,
         query_length=query_length,
         gallery_length=gallery_length,
         fusion=fusion,

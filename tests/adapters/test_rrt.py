@@ -193,7 +193,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         tiny().rerank(q, [image(rng, d_local=5)])
     with pytest.raises(ValueError, match="global descriptors have dimension 7, but the model expects 12"):
         tiny().rerank(image(rng, d_global=7), [image(rng, d_global=7)])
-    with pytest.raises(ValueError, match="scale 0.3 is below the smallest scale bin 0.5"):
+    with pytest.raises(ValueError, match="scale 0.3 is below the smallest scale bin 0.5.*scale_column='index'"):
         tiny().rerank(q, [image(rng, scale=0.3)])
     with pytest.raises(ValueError, match="no valid local descriptors"):
         tiny().rerank(q, [image(rng, mask=np.zeros(4, bool))])
@@ -215,3 +215,25 @@ def test_reduced_precision_stays_close(golden_case, dtype, atol, tmp_path):
     queries, gallery, _, outputs, config = load_case(golden_case)
     reranker = rrt(unxz(golden_case / "weights.safetensors.xz", tmp_path / "w.safetensors"), config, dtype=dtype)
     np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["logits_f64"], atol=atol, rtol=0)
+
+
+def test_scale_column_index_uses_the_level_as_the_bin():
+    """AMES-format files store the pyramid level (0 for DINOv2): with scale_column='index' it is the bin."""
+    rng = np.random.default_rng(2)
+    levels = np.array([0, 2, 6, 1])
+    q = image(rng)
+    item = ImageFeatures(global_desc=rng.normal(size=12), local=rng.normal(size=(4, 8)), scale=levels)
+    by_index = tiny(scale_column="index")
+    by_value = tiny(scale_column="value")
+    by_value.module.load_state_dict(by_index.module.state_dict())
+    # the bins of the DELG values 0.5, 1, 4, 0.75 are 0, 2, 6, 1
+    same = ImageFeatures(global_desc=item.global_desc, local=item.local, scale=np.array([0.5, 1.0, 4.0, 0.75]))
+    q_index = ImageFeatures(global_desc=q.global_desc, local=q.local, scale=np.full(4, 2))  # q's scales are 1.0
+    np.testing.assert_array_equal(by_index.rerank(q_index, [item]).scores, by_value.rerank(q, [same]).scores)
+    with pytest.raises(ValueError, match="integers 0..6, got 7"):
+        by_index.rerank(q_index, [ImageFeatures(global_desc=q.global_desc, local=q.local, scale=np.full(4, 7))])
+    with pytest.raises(ValueError, match="integers 0..6, got 0.5"):
+        by_index.rerank(q_index, [ImageFeatures(global_desc=q.global_desc, local=q.local, scale=np.full(4, 0.5))])
+    assert create_reranker("rrt-768", pretrained=False, config=dict(num_encoder_layers=1)).scale_column == "index"
+    with pytest.raises(ValueError, match="scale_column must be one of"):
+        tiny(scale_column="level")
