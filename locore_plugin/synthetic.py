@@ -37,11 +37,11 @@ class SyntheticConfig:
     distractor_instances: int = 20  # instances never queried (their views are negatives)
     views_per_distractor: int = 6
     lookalikes: int = 120  # negatives whose global descriptor resembles a queried instance
-    parts: int = 36  # patterns along an instance
-    window: int = 12  # consecutive parts an image sees
-    detect: float = 0.8  # probability that a part in view yields a local descriptor
+    parts: int = 48  # patterns along an instance
+    window: int = 16  # consecutive parts an image sees
+    detect: float = 0.9  # probability that a part in view yields a local descriptor
     clutter: int = 8  # clutter locals per image
-    topk: int = 24  # local rows per image in the files (padded with mask = 1)
+    topk: int = 32  # local rows per image in the files (padded with mask = 1)
     local_dim: int = 32
     global_dim: int = 32
     local_noise: float = 0.5  # norm of the noise added to a detected pattern (a unit vector)
