@@ -14,7 +14,7 @@ from locore_plugin import create_reranker
 from locore_plugin.cli import main
 from locore_plugin.descriptors import LocalReader, read_globals
 from locore_plugin.extractors import (
-    Crop, ImageExtractor, UnknownExtractorError, crop_box, create_extractor, list_extractors, load_image,
+    ImageExtractor, UnknownExtractorError, crop_box, create_extractor, list_extractors, load_image,
 )
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
