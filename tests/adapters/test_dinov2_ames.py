@@ -145,3 +145,20 @@ def test_batches_of_mixed_sizes_equal_one_by_one_and_are_deterministic(weights):
     for a, b in zip(batched, again):
         np.testing.assert_array_equal(a.local, b.local)
         np.testing.assert_array_equal(a.global_desc, b.global_desc)
+
+
+def test_rank_on_images_through_rerankers_equals_rerank_on_the_features(weights):
+    import rerankers
+
+    import locore_plugin  # noqa: F401  (installs the bridge)
+    from locore_plugin import create_reranker
+
+    backbone, detector, _ = weights
+    options = {"model": str(backbone), "detector": str(detector), "topk": 12}
+    images = [photo(56, 70, seed) for seed in range(4)]
+    ranker = rerankers.Reranker("gv", extractor="dinov2-ames", extractor_options=options, verbose=0)
+    results = ranker.rank(images[0], images[1:])
+    ex = create_extractor("dinov2-ames", **options)
+    expected = create_reranker("gv").rerank(ex.extract(images[0]), ex.extract_many(images[1:]))
+    assert [r.doc_id for r in results] == list(expected.order)
+    np.testing.assert_array_equal([r.score for r in results], expected.scores[expected.order])
