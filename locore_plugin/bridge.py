@@ -92,7 +92,7 @@ class ImageRanker(BaseRanker):
 
 
 def _as_documents(docs, doc_ids) -> list[Document]:
-    if isinstance(docs, (ImageFeatures, Document)):
+    if isinstance(docs, (ImageFeatures, Document, str, Path)) or _is_pixels(docs):  # one doc, not a list
         docs = [docs]
     docs = list(docs)
     if doc_ids is not None and len(doc_ids) != len(docs):

@@ -273,6 +273,9 @@ def test_rank_on_image_documents_equals_rerank_on_the_extracted_features(photos)
         np.testing.assert_array_equal([r.score for r in results], expected.scores[expected.order])
     assert results.results[0].document is docs[expected.order[0]]
     assert expected.scores[expected.order[0]] > 0
+    single = ranker.rank(str(query), str(gallery[0]))  # one doc given alone, not as a list
+    assert len(single.results) == 1 and single.results[0].document.image_path == str(gallery[0])
+    assert ranker.score(str(query), str(gallery[0])) == single.results[0].score == expected.scores[0]
 
 
 def test_rank_mixes_paths_features_and_pixels_and_uses_the_default_extractor(photos, monkeypatch):
