@@ -347,7 +347,7 @@ class ImageExtractor(abc.ABC):
         for start in range(0, len(pending), max(self.batch_size, 1)):
             chunk = pending[start : start + max(self.batch_size, 1)]
             crops, frames = zip(*(_crop(load_image(images[i]), key[1]) for i, key in chunk))
-            for (i, key), frame, features in zip(chunk, frames, self._extract_batch(list(crops))):
+            for (i, key), frame, features in zip(chunk, frames, self._extract_batch(list(crops)), strict=True):
                 out[i] = _to_full_frame(features, *frame)
                 self.cache.put(identity, key, out[i])
             progress.update(len(chunk))
