@@ -333,9 +333,12 @@ def run(config: EvalConfig, log=print) -> dict:
 
     Returns ``{"settings": ..., "results": {row: {dataset: {protocol: {mAP, mP@k, aps}}}}}``.
     """
-    from .registry import create_reranker
+    from .registry import create_reranker, is_reranker_name
 
     config.validate()
+    for m in config.methods:
+        if not is_reranker_name(m.name):
+            _create(create_reranker, m, {})  # raises before any work, naming close matches
     root = resolve_data_root(config.data_root)
     out = Path(config.out)
     cache = ResultCache(out / "cache")
@@ -627,9 +630,8 @@ def _checkpoint_option(text: str) -> str:
 def _guarded(function, args) -> int:
     try:
         function(args)
-    except (EvaluationError, ValueError, KeyError, FileNotFoundError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"locore-plugin: error: {message}", file=sys.stderr)
+    except (EvaluationError, ValueError, FileNotFoundError) as error:
+        print(f"locore-plugin: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -175,3 +175,17 @@ def test_demo_runs_training_free_rerankers_and_leaves_out_untrained_ones(tmp_pat
     left = [line for line in lines if line.startswith("left out")]
     assert len(left) == 2 and all("locore-tiny" in line and "checkpoint" in line for line in left)
     assert (tmp_path / "results" / "results.md").is_file() and (tmp_path / "data" / "synthetic" / "synthetic.json").is_file()
+
+
+def test_cli_demo_prints_the_table(tmp_path, capsys):
+    from locore_plugin.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--size", "tiny", "--reranker", "superglobal"]) == 0
+    out = capsys.readouterr().out
+    assert "Built-in synthetic benchmark (tiny, seed 0)" in out and "| superglobal |" in out
+
+
+def test_unknown_reranker_is_a_clean_error(data_root, tmp_path, capsys):
+    assert evaluate.main(["--data-root", str(data_root), "--dataset", "synthetic", "--desc", "synth",
+                          "--reranker", "superglobl", "--out", str(tmp_path)]) == 2
+    assert "Did you mean: superglobal" in capsys.readouterr().err
