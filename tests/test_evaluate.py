@@ -189,3 +189,22 @@ def test_unknown_reranker_is_a_clean_error(data_root, tmp_path, capsys):
     assert evaluate.main(["--data-root", str(data_root), "--dataset", "synthetic", "--desc", "synth",
                           "--reranker", "superglobl", "--out", str(tmp_path)]) == 2
     assert "Did you mean: superglobal" in capsys.readouterr().err
+
+
+def test_plus_1m_appends_the_distractors_and_can_only_lower_the_global_map(data_root, tmp_path):
+    from locore_plugin import ImageFeatures
+    from locore_plugin.descriptors import write_descriptors
+
+    cfg = synthetic.SIZES["tiny"]
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    distractors = [ImageFeatures(global_desc=unit(rng.normal(size=cfg.global_dim)), local=unit(rng.normal(size=(4, cfg.local_dim))),
+                                 xy=np.zeros((4, 2)), scale=np.zeros(4), weight=np.ones(4)) for _ in range(40)]
+    write_descriptors(data_root / "revisitop1m", "synth", None, distractors, topk=cfg.topk)
+    base = evaluate.run(_config(data_root, tmp_path / "a", methods=()), log=lambda *a: None)
+    plus = evaluate.run(EvalConfig(datasets=["synthetic+1m"], methods=[], data_root=str(data_root), out=str(tmp_path / "b"),
+                                   desc="synth", plots=False), log=lambda *a: None)
+    for p in ("medium", "hard", "hard*"):
+        a, b = base["results"]["global"]["synthetic"][p]["aps"], plus["results"]["global"]["synthetic+1m"][p]["aps"]
+        assert all(y <= x + 1e-12 for x, y in zip(a, b) if x is not None)
+    assert plus["results"]["global"]["synthetic+1m"]["medium"]["mAP"] < base["results"]["global"]["synthetic"]["medium"]["mAP"]
