@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import load_strict
 from locore_plugin.hookspecs import hookimpl
@@ -106,10 +107,14 @@ class Decoder(nn.Module):
             for _ in range(config["num_encoder_layers"])
         )
         self.norm = nn.LayerNorm(config["model_dim"]) if config["normalize_before"] else None
+        self.gradient_checkpointing = False  # recompute each layer in backward (training memory)
 
     def forward(self, x, sa_mask, ca_mask, padding):
         for layer in self.layers:
-            x = layer(x, sa_mask, ca_mask, padding)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, sa_mask, ca_mask, padding, use_reentrant=False)
+            else:
+                x = layer(x, sa_mask, ca_mask, padding)
         return x if self.norm is None else self.norm(x)
 
 
@@ -131,6 +136,10 @@ class AMES(nn.Module):
         self.classifier = nn.Linear(dim, 1)
         self.apply(_official_init)
         nn.init.trunc_normal_(self.mtc_token, std=0.02)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Recompute each layer's activations in backward (the shared trainer's option)."""
+        self.decoder.gradient_checkpointing = True
 
     def forward(self, src_local, src_mask, tgt_local, tgt_mask):
         src = self.remap_local(_normalize(src_local))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import load_strict
 from locore_plugin.hookspecs import hookimpl
@@ -92,10 +93,14 @@ class Encoder(nn.Module):
             for _ in range(config["num_encoder_layers"])
         )
         self.norm = nn.LayerNorm(config["d_model"]) if config["normalize_before"] else None
+        self.gradient_checkpointing = False  # recompute each layer in backward (training memory)
 
     def forward(self, x, padding):
         for layer in self.layers:
-            x = layer(x, padding)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, padding, use_reentrant=False)
+            else:
+                x = layer(x, padding)
         return x if self.norm is None else self.norm(x)
 
 
@@ -116,6 +121,10 @@ class MatchERT(nn.Module):
         for p in self.parameters():  # the official _reset_parameters
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Recompute each layer's activations in backward (the shared trainer's option)."""
+        self.encoder.gradient_checkpointing = True
 
     def forward(self, src_global, src_local, src_mask, src_scales, tgt_global, tgt_local, tgt_mask, tgt_scales):
         seg = self.seg_encoder.weight

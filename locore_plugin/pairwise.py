@@ -182,10 +182,15 @@ class PairwiseReranker(TrainableReranker):
             if label.shape != (len(shortlist),):
                 raise ValueError(f"list {i}: labels must have shape ({len(shortlist)},), got {label.shape}")
         list_index, item_index, target = self.sample_pairs(labels, self.rng)
-        if len(list_index) == 0:
-            raise ValueError(f"{self.method}: this batch yields no training pairs")
+        empty = len(list_index) == 0
+        if empty:
+            # No usable pair (e.g. no RRT anchor): a zero loss that still runs one pair through the
+            # model, so that data-parallel ranks stay in step.
+            list_index, item_index, target = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32)
         query, item = self.pair_inputs(queries, list_index, [shortlists[l][i] for l, i in zip(list_index, item_index)])
         logits = self.pair_logits(module if module is not None else self.module, query, item)
+        if empty:
+            return logits.float().sum() * 0.0
         return F.binary_cross_entropy_with_logits(logits.float(), torch.as_tensor(target, device=logits.device))
 
 

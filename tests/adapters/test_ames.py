@@ -209,3 +209,25 @@ def test_reduced_precision_stays_close(golden_case, dtype, atol, tmp_path):
     queries, gallery, _, outputs, config = load_case(golden_case, tmp_path)
     reranker = ames(unxz(golden_case / "weights.safetensors.xz", tmp_path / "w.safetensors"), config, dtype=dtype)
     np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["raw_eval_f64"], atol=atol, rtol=0)
+
+
+def test_trains_through_the_shared_loop_with_gradient_checkpointing(tmp_path):
+    from locore_plugin.training import TrainConfig, train
+    from locore_plugin.training_data import TrainingLists
+
+    rng = np.random.default_rng(0)
+    features = [ImageFeatures(global_desc=rng.normal(size=4), local=rng.normal(size=(5, 16))) for _ in range(16)]
+    neighbours = np.stack([np.roll(np.arange(16), -i)[:6] for i in range(16)])
+    options = dict(config=dict(local_dim=16, model_dim=8, nhead=2, num_encoder_layers=2, dim_feedforward=16),
+                   query_length=6, gallery_length=6, fusion=None)
+    cfg = TrainConfig.from_dict(dict(
+        reranker="ames-dinov2", reranker_options=options, output_dir=str(tmp_path / "run"), data={}, epochs=1,
+        per_device_batch_size=4, grad_accumulation=1, lr=1e-2, save_every=0, progress=False, device="cpu",
+        gradient_checkpointing=True,
+    ))
+    train(cfg, TrainingLists(features, neighbours, np.arange(16) % 4, topk=5, seed=0))
+    trained = create_reranker("ames-dinov2", checkpoint=tmp_path / "run" / "final", **options)
+    torch.manual_seed(0)
+    initial = create_reranker("ames-dinov2", pretrained=False, **options)
+    assert not torch.equal(trained.module.classifier.weight, initial.module.classifier.weight)
+    assert np.isfinite(trained.rerank(features[0], features[1:6]).scores).all()

@@ -148,8 +148,12 @@ def test_training_pairs_follow_the_official_sampler(golden_case, tmp_path):
     assert loss.item() == pytest.approx(np.mean(np.logaddexp(0, x) - targets * x), abs=1e-5)
     loss.backward()
     assert reranker.module.scale_encoder.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="no training pairs"):
-        reranker.training_loss(queries[:1], [gallery], [np.zeros(len(gallery))])
+    # a batch without an anchor: zero loss, still through the model (data-parallel ranks stay in step)
+    reranker.module.zero_grad()
+    empty = reranker.training_loss(queries[:1], [gallery], [np.zeros(len(gallery))])
+    assert empty.item() == 0.0 and empty.requires_grad
+    empty.backward()
+    assert reranker.module.classifier.weight.grad.abs().sum() == 0
 
 
 @pytest.mark.golden("rrt")
@@ -237,3 +241,27 @@ def test_scale_column_index_uses_the_level_as_the_bin():
     assert create_reranker("rrt-768", pretrained=False, config=dict(num_encoder_layers=1)).scale_column == "index"
     with pytest.raises(ValueError, match="scale_column must be one of"):
         tiny(scale_column="level")
+
+
+def test_trains_through_the_shared_loop_with_gradient_checkpointing(tmp_path):
+    from locore_plugin.training import TrainConfig, train
+    from locore_plugin.training_data import TrainingLists
+
+    rng = np.random.default_rng(0)
+    features = [image(rng, n=5) for _ in range(16)]
+    labels = np.arange(16) // 8  # 8 images per landmark: each list has 6 positives and 1 negative
+    others = [np.flatnonzero((labels == labels[i]) & (np.arange(16) != i))[:6] for i in range(16)]
+    neighbours = np.stack([np.r_[o, (i + 8) % 16] for i, o in enumerate(others)])
+    options = dict(config=dict(d_global=12, d_model=8, nhead=2, num_encoder_layers=2, dim_feedforward=16),
+                   query_length=6, gallery_length=6)
+    cfg = TrainConfig.from_dict(dict(
+        reranker="rrt", reranker_options=options, output_dir=str(tmp_path / "run"), data={}, epochs=1,
+        per_device_batch_size=4, grad_accumulation=1, lr=1e-2, save_every=0, progress=False, device="cpu",
+        gradient_checkpointing=True,
+    ))
+    train(cfg, TrainingLists(features, neighbours, labels, topk=7, seed=0))
+    trained = create_reranker("rrt", checkpoint=tmp_path / "run" / "final", **options)
+    torch.manual_seed(0)
+    initial = create_reranker("rrt", pretrained=False, **options)
+    assert not torch.equal(trained.module.classifier.weight, initial.module.classifier.weight)
+    assert np.isfinite(trained.rerank(features[0], features[1:6]).scores).all()
