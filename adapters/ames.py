@@ -150,8 +150,8 @@ class AMES(nn.Module):
         tokens = torch.cat([self.mtc_token.expand(batch, 1, -1), src, tgt], 1)
         padding = torch.cat([src_mask.new_zeros(batch, 1), src_mask, tgt_mask], 1)
         # True = not allowed. The MTC token (row and column 0) sees and is seen by everything.
-        side = torch.cat([torch.zeros(1, dtype=torch.long), torch.ones(q, dtype=torch.long), torch.full((t,), 2)])
-        side = side.to(tokens.device)
+        position = torch.arange(1 + q + t, device=tokens.device)
+        side = (position > 0).long() + (position > q).long()  # 0 = MTC, 1 = query, 2 = database
         across = (side[:, None] * side[None, :]) == 2  # query <-> database
         within = (side[:, None] == side[None, :]) & (side[:, None] > 0)  # query <-> query, database <-> database
         x = self.decoder(tokens, sa_mask=across, ca_mask=within, padding=padding)
