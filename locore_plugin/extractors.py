@@ -464,7 +464,7 @@ def add_extract_command(subparsers) -> None:
         "(images cropped to the ground-truth bbx) and the gallery split. Interrupted runs resume from the "
         "per-image cache; finished splits are skipped unless --overwrite.",
     )
-    parser.add_argument("extractor", help="registered extractor name (see --list)")
+    parser.add_argument("extractor", help="registered extractor name, e.g. sift or dinov2-ames (an unknown name lists them)")
     parser.add_argument("--images", required=True, type=Path, help="folder of images (for --gnd: <name>.jpg files)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (a dataset folder of the data root)")
     parser.add_argument("--gnd", type=Path, help="gnd_<dataset>.pkl: extract its query and gallery images")
