@@ -601,14 +601,13 @@ def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
     """The held-out evaluation run after every epoch (the ``[validation]`` table of a recipe).
 
     Either a revisited dataset in the official layout (``dataset``, ``desc``, ``data_root``
-    (default ``$LOCORE_DATA``), optional ``nn``) or ``synthetic = {seed, size}`` with a
-    ``directory`` to write it to; ``protocols`` (default Medium), ``junk`` (default ``remove``, as
-    the LoCoRE evaluation code), ``top_k`` re-ranked images (default 100), ``num_locals``,
-    ``batch_size``. Returns ``{"<protocol>_mAP": ...}`` in percent, the first protocol first (the
-    best checkpoint is chosen by it), plus the global-only mAPs for reference.
+    (default ``$LOCORE_DATA``), optional ``nn``) or ``synthetic = {seed, size}`` (the built-in
+    benchmark, written once under ``directory``); ``protocols`` (default Medium), ``junk``
+    (default ``remove``, as the LoCoRE evaluation code), ``top_k`` re-ranked images (default
+    100), ``num_locals``, ``batch_size``. Returns ``{"<protocol>_mAP": ...}`` in percent, the first
+    protocol first (the best checkpoint is chosen by it), plus the global-only mAPs for reference.
     """
-    from .descriptors import open_revisited, read_nn
-    from .evaluate import DatasetEvaluation, EvalData
+    from .evaluate import DatasetEvaluation, load_dataset, resolve_data_root
 
     options = dict(options)
     protocols = list(options.pop("protocols", ["medium"]))
@@ -619,30 +618,25 @@ def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
     nn = options.pop("nn", None)
     synthetic = options.pop("synthetic", None)
     if synthetic is not None:
-        from .training_data import write_synthetic_benchmark
+        from . import synthetic as benchmark
 
         directory = options.pop("directory", None)
         if directory is None:
             raise ValueError("a synthetic validation set needs validation.directory (where it is written)")
-        dataset, desc, root = write_synthetic_benchmark(directory, **synthetic)
+        benchmark.write(directory, **synthetic)
+        dataset, desc, root = benchmark.DATASET, benchmark.DESCRIPTOR, Path(directory)
     else:
         if "dataset" not in options:
             raise ValueError("validation needs `dataset` (and `desc`, `data_root`) or `synthetic`")
-        dataset, desc, root = options.pop("dataset"), options.pop("desc", "dinov2"), options.pop("data_root", None)
+        dataset, desc = options.pop("dataset"), options.pop("desc", "dinov2")
+        root = resolve_data_root(options.pop("data_root", None))
     if options:
         raise ValueError(f"unknown validation option(s) {sorted(options)}")
-    data = open_revisited(dataset, desc, root, num_locals=num_locals)
-    nq, ndb = len(data.queries), len(data.gallery)
-    data_nn = read_nn(data.nn_dir / f"nn_{nn}.pkl") if nn is not None else None
-    evaluation = DatasetEvaluation(
-        EvalData(dataset, data.gnd, data.queries.features(np.arange(nq)), data.gallery.features,
-                 data.queries.globals(np.arange(nq)), data.gallery.globals(np.arange(ndb)), data_nn),
-        protocols, junk,
-    )
+    evaluation = DatasetEvaluation(load_dataset(root, dataset, desc, nn=nn, num_locals=num_locals), protocols, junk)
     baseline = {f"global_{p}_mAP": 100 * r["mAP"] for p, r in evaluation.run(None).items()}
 
     def validate(reranker) -> dict:
-        scores = evaluation.run(reranker, top_k=top_k, batch_size=batch_size, label=reranker.name)
+        scores = evaluation.run(reranker, top_k=top_k, batch_size=batch_size, label=f"validation ({reranker.name})")
         return {**{f"{p}_mAP": 100 * r["mAP"] for p, r in scores.items()}, **baseline}
 
     return validate

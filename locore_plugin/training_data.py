@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .descriptors import DescriptorSet, build_shortlist, read_nn, write_nn
+from .descriptors import DescriptorSet, build_shortlist, read_nn, write_descriptors, write_nn
 from .features import ImageFeatures
 
 
@@ -196,8 +196,9 @@ def training_data(options: dict, seed: int = 0) -> TrainingLists:
 
 # -- a synthetic training split ------------------------------------------------------------------
 
-SYNTHETIC_FILES = {"image_list": "train.txt", "local": "synth_local.hdf5", "global_desc": "synth_global.pt",
-                   "nn": "nn_synth.pkl"}
+SYNTHETIC_DESC = "synth"
+SYNTHETIC_FILES = {"image_list": "train.txt", "local": f"{SYNTHETIC_DESC}_train_local.hdf5",
+                   "global_desc": f"{SYNTHETIC_DESC}_train_global.pt", "nn": f"nn_{SYNTHETIC_DESC}_train.pkl"}
 
 
 def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str = "small", depth: int = 200) -> dict:
@@ -209,8 +210,7 @@ def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str
     instances are not recorded in the ground truth, so they serve only as negatives. Train on
     seeds other than the held-out benchmark's: different seeds draw different instances.
     """
-    import h5py
-
+    from .synthetic import _features as synthetic_features
     from .synthetic import generate
 
     directory = Path(directory)
@@ -236,14 +236,10 @@ def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str
         local += [data.query_local, data.gallery_local]
         globals_ += [data.query_global, data.gallery_global]
         labels += [query_labels, gallery]
-    local, globals_, labels = np.concatenate(local), np.concatenate(globals_).astype("<f4"), np.concatenate(labels)
+    local, globals_, labels = np.concatenate(local), np.concatenate(globals_), np.concatenate(labels)
     directory.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
-    with h5py.File(directory / f".{SYNTHETIC_FILES['local']}.tmp", "w") as f:
-        f.create_dataset("features", data=local.astype("<f4"))
-    os.replace(directory / f".{SYNTHETIC_FILES['local']}.tmp", paths["local"])
-    globals_.tofile(directory / f".{SYNTHETIC_FILES['global_desc']}.tmp")
-    os.replace(directory / f".{SYNTHETIC_FILES['global_desc']}.tmp", paths["global_desc"])
+    write_descriptors(directory, SYNTHETIC_DESC, "train", synthetic_features(local, globals_), topk=local.shape[1])
     sims, idx = build_shortlist(globals_, globals_, depth, verbose=False)
     write_nn(paths["nn"], sims, idx)
     lines = [f"synthetic/{i:06d}.jpg,{label},512,384" for i, label in enumerate(labels)]
@@ -251,31 +247,3 @@ def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str
     marker.write_text(json.dumps(stamp))
     return paths
 
-
-def write_synthetic_benchmark(directory, seed: int = 0, size: str = "small") -> tuple[str, str, str]:
-    """Write the held-out synthetic world ``seed`` as a revisited dataset (``gnd_synthetic.pkl``,
-    ``synth_{query,gallery}_{local.hdf5,global.pt}``) under ``directory/synthetic``; returns
-    ``(dataset, desc, root)`` for :func:`~locore_plugin.descriptors.open_revisited`."""
-    import pickle
-
-    import h5py
-
-    from .synthetic import DATASET, DESCRIPTOR, generate
-
-    root = Path(directory)
-    folder = root / DATASET
-    stamp = {"seed": int(seed), "size": size}
-    marker = folder / "benchmark.json"
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return DATASET, DESCRIPTOR, str(root)
-    data = generate(int(seed), size)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    for split, local, global_ in (("query", data.query_local, data.query_global),
-                                  ("gallery", data.gallery_local, data.gallery_global)):
-        with h5py.File(folder / f"{DESCRIPTOR}_{split}_local.hdf5", "w") as f:
-            f.create_dataset("features", data=local.astype("<f4"))
-        global_.astype("<f4").tofile(folder / f"{DESCRIPTOR}_{split}_global.pt")
-    (folder / f"gnd_{DATASET}.pkl").write_bytes(pickle.dumps(data.gnd, protocol=2))
-    marker.write_text(json.dumps(stamp))
-    return DATASET, DESCRIPTOR, str(root)
