@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .features import ImageFeatures, stack_locals
 from .pickles import OFFICIAL_DATA, read_pickle
 
@@ -295,21 +296,7 @@ def write_nn(path, similarities, indices) -> Path:
     if similarities.shape != indices.shape or similarities.ndim != 2:
         raise ValueError(f"similarities {similarities.shape} and indices {indices.shape} must both be [nq, K]")
     tensor = torch.from_numpy(np.stack([similarities, indices]).astype(np.float64))
-    return _atomic_write(Path(path), pickle.dumps(tensor, protocol=2))
-
-
-def _atomic_write(path: Path, payload: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, pickle.dumps(tensor, protocol=2))
 
 
 def build_shortlist(queries, gallery: "DescriptorSet | np.ndarray", depth: int, batch_size: int = 65536,

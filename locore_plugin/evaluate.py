@@ -20,7 +20,6 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .metrics import compute_map
 from .protocols import JUNK_MODES, Protocol, check_junk_mode, get_protocol, parse_protocols, prepare_ranking
 
@@ -310,14 +310,7 @@ class ResultCache:
         return entry["scores"] if entry.get("key") == _jsonable(key) else None
 
     def put(self, key: dict, scores: dict) -> None:
-        _write_text(self.path(key), json.dumps({"key": key, "scores": scores}))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic: readers see the old file or the whole new one (an interrupted run leaves no half entry)."""
-    from .descriptors import _atomic_write
-
-    _atomic_write(path, text.encode())
+        atomic_write(self.path(key), json.dumps({"key": key, "scores": scores}))
 
 
 def _settings(config: EvalConfig) -> dict:
@@ -431,12 +424,12 @@ def write_outputs(report: dict, out: Path, plots: bool = True, fresh=None) -> No
     """results.md / results.csv / results.json, per_query_ap.csv and (optionally) plots/*.png
     (see :func:`write_plots` for ``fresh``)."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "results.md", format_table(report))
+    atomic_write(out / "results.md", format_table(report))
     columns = _columns(report)
     rows = [["method", *(_header(d, p) for d, p in columns)]]
     for row, per_dataset in report["results"].items():
         rows.append([row, *(_csv_number(per_dataset.get(d, {}).get(p, {}).get("mAP")) for d, p in columns)])
-    _write_text(out / "results.csv", _csv(rows))
+    atomic_write(out / "results.csv", _csv(rows))
     summary = {
         "settings": report["settings"],
         "results": {
@@ -444,14 +437,14 @@ def write_outputs(report: dict, out: Path, plots: bool = True, fresh=None) -> No
             for row, datasets in report["results"].items()
         },
     }
-    _write_text(out / "results.json", json.dumps(summary, indent=1))
+    atomic_write(out / "results.json", json.dumps(summary, indent=1))
     per_query = [["dataset", "protocol", "query", *report["results"]]]
     for d, p in columns:
         aps = {row: per.get(d, {}).get(p, {}).get("aps") for row, per in report["results"].items()}
         n = max((len(a) for a in aps.values() if a), default=0)
         for q in range(n):
             per_query.append([d, p, q, *(_csv_number(a[q] if a else None) for a in aps.values())])
-    _write_text(out / "per_query_ap.csv", _csv(per_query))
+    atomic_write(out / "per_query_ap.csv", _csv(per_query))
     if plots:
         write_plots(report, out / "plots", fresh)
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
+
 DATASET = "synthetic"
 DESCRIPTOR = "synth"
 NN_NAME = "global"
@@ -193,7 +195,7 @@ def write(root, seed: int = 0, size: str | SyntheticConfig = "small") -> Path:
     written last: a folder with it is complete). An existing complete folder with the same seed
     and config is left as it is.
     """
-    from .descriptors import _atomic_write, build_shortlist, write_descriptors, write_nn
+    from .descriptors import build_shortlist, write_descriptors, write_nn
 
     cfg = SIZES[size] if isinstance(size, str) else size
     folder = Path(root) / DATASET
@@ -207,6 +209,6 @@ def write(root, seed: int = 0, size: str | SyntheticConfig = "small") -> Path:
     write_descriptors(folder, DESCRIPTOR, "gallery", _features(data.gallery_local, data.gallery_global), topk=cfg.topk)
     sims, idx = build_shortlist(data.query_global, data.gallery_global, cfg.nn_depth, verbose=False)
     write_nn(folder / f"nn_{NN_NAME}.pkl", sims, idx)
-    _atomic_write(folder / f"gnd_{DATASET}.pkl", pickle.dumps(data.gnd, protocol=2))
-    _atomic_write(marker, json.dumps(stamp, indent=1).encode())
+    atomic_write(folder / f"gnd_{DATASET}.pkl", pickle.dumps(data.gnd, protocol=2))
+    atomic_write(marker, json.dumps(stamp, indent=1).encode())
     return folder

@@ -1,0 +1,22 @@
+"""Writes that survive interruption: a reader sees the old file or the whole new one, never half."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+
+def atomic_write(path: Union[str, Path], payload: Union[bytes, str]) -> Path:
+    """Write ``payload`` to a temporary sibling, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(payload.encode() if isinstance(payload, str) else payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
