@@ -25,7 +25,6 @@ from torch import nn
 
 from locore_plugin.checkpoints import load_strict, read_state_dict
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.interface import RerankResult
 from locore_plugin.pairwise import PairwiseReranker, read_checkpoint, save_directory
 
 
@@ -332,19 +331,9 @@ class R2FormerReranker(PairwiseReranker):
         dtype = side["local"].dtype
         return {"local": side["local"], "mask": mask, "xy": xy.to(dtype), "weight": weight.to(dtype)}
 
-    def _rerank_many(self, queries, shortlists, global_scores):
-        """Without fusion, the re-ranked items' scores are the official softmax[:, 1] (the base
-        class gives their logit; same order)."""
-        results = super()._rerank_many(queries, shortlists, global_scores)
-        if self.fusion is not None:
-            return results
-        out = []
-        for result, shortlist in zip(results, shortlists):
-            depth = len(shortlist) if self.top_k is None else min(self.top_k, len(shortlist))
-            scores = result.scores.astype(np.float64)
-            scores[:depth] = 1.0 / (1.0 + np.exp(-scores[:depth]))
-            out.append(RerankResult(order=result.order, scores=scores.astype(np.float32)))
-        return out
+    def scores_from_logits(self, logits):
+        """The official softmax[:, 1] (``pair_logits`` returns logit[1] - logit[0])."""
+        return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
     def sample_pairs(self, labels, rng):
         """The official triplets: per list, its best positive (the first in the global shortlist)

@@ -133,8 +133,9 @@ class PairwiseReranker(TrainableReranker):
         results = []
         for shortlist, depth, incoming, logit in zip(shortlists, depths, global_scores, logits):
             if self.fusion is not None:
-                logit = fuse_scores(incoming[:depth], logit, *self.fusion)
-            head = ranked(logit)
+                head = ranked(fuse_scores(incoming[:depth], logit, *self.fusion))
+            else:
+                head = ranked(self.scores_from_logits(logit))
             tail = np.zeros(len(shortlist) - depth, np.float32) if incoming is None else incoming[depth:]
             results.append(
                 RerankResult(
@@ -143,6 +144,11 @@ class PairwiseReranker(TrainableReranker):
                 )
             )
         return results
+
+    def scores_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """The score of a re-ranked item without fusion; the logit itself unless a method reports
+        a probability (any monotonic map keeps the order)."""
+        return logits
 
     def score_pairs(self, queries: list[ImageFeatures], shortlists: list[list[ImageFeatures]]) -> np.ndarray:
         """Logits of every (query, shortlist item) pair, queries after each other, in ``batch_size`` chunks."""
