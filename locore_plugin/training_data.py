@@ -67,8 +67,9 @@ class TrainingLists(Dataset):
     ``features(indices)`` method such as :class:`~locore_plugin.descriptors.DescriptorSet`;
     ``neighbours`` (N, >= topk) holds each image's global neighbours, best first (the image
     itself is skipped wherever it appears); ``labels`` (N,) the landmark ids (negative = a
-    distractor, never a query). ``num_samples`` keeps the first query images (the official
-    ``num_training_samples``).
+    distractor, never a query). ``min_positives`` keeps only queries with at least that many
+    same-landmark images in their list (RRT's sampler takes anchors with >= 5); ``num_samples``
+    then keeps the first queries (the official ``num_training_samples``).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class TrainingLists(Dataset):
         shuffle_gallery: bool = True,
         seed: int = 0,
         num_samples: Optional[int] = None,
+        min_positives: int = 0,
     ):
         neighbours = np.asarray(neighbours)
         labels = np.asarray(labels)
@@ -105,9 +107,12 @@ class TrainingLists(Dataset):
         self.shuffle_gallery = bool(shuffle_gallery)
         self.seed = int(seed)
         self.epoch = 0
-        self.queries = np.flatnonzero(labels >= 0)[:num_samples]
+        queries = labels >= 0
+        if min_positives > 0:
+            queries &= _positives_in_list(neighbours, labels, self.topk) >= min_positives
+        self.queries = np.flatnonzero(queries)[:num_samples]
         if len(self.queries) == 0:
-            raise ValueError("no image can be a query: every landmark id is negative (a distractor)")
+            raise ValueError(f"no image can be a query (landmark id >= 0 and >= {min_positives} positives in its list)")
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose gallery shuffles ``__getitem__`` draws (set before a loader starts its workers)."""
@@ -136,6 +141,16 @@ class TrainingLists(Dataset):
         images = list(read(ids)) if read is not None else [self.features[i] for i in ids]
         labels = (self.labels[gallery] == self.labels[image]).astype(np.int64)
         return TrainingList(image, images[0], images[1:], labels)
+
+
+def _positives_in_list(neighbours: np.ndarray, labels: np.ndarray, topk: int) -> np.ndarray:
+    """Per image: same-landmark images among its first ``topk`` neighbours other than itself."""
+    window = neighbours[:, : topk + 1]
+    own = np.arange(len(neighbours))[:, None]
+    is_self = window == own
+    beyond = ~is_self.any(1)  # no self in the first topk + 1: the last column is not in the list
+    same = (labels[window] == labels[own]) & ~is_self
+    return same.sum(1) - (beyond & same[:, -1]) * (window.shape[1] > topk)
 
 
 class _LazyDescriptors:
@@ -169,6 +184,7 @@ def open_training_lists(
     shuffle_gallery: bool = True,
     seed: int = 0,
     num_samples: Optional[int] = None,
+    min_positives: int = 0,
 ) -> TrainingLists:
     """The official training files as lists: ``image_list`` (``path,landmark_id,w,h``), ``local``
     (HDF5 [N, topk, 5 + D]), ``nn`` (pickle [2, N, >= topk + 1]), optional ``global_desc`` (raw
@@ -178,7 +194,7 @@ def open_training_lists(
     _, neighbours = read_nn(nn)
     features = _LazyDescriptors(local, global_desc, len(labels), num_locals)
     features.features([0])  # fail now, not in a worker, when a file is missing or mis-sized
-    return TrainingLists(features, neighbours, labels, topk, shuffle_gallery, seed, num_samples)
+    return TrainingLists(features, neighbours, labels, topk, shuffle_gallery, seed, num_samples, min_positives)
 
 
 def training_data(options: dict, seed: int = 0) -> TrainingLists:

@@ -48,6 +48,9 @@ def test_lists_skip_the_query_take_the_first_k_and_label_same_landmark():
     item = lists[3]  # image 3 -> [4, 5, 0]: the distractor is a negative, landmark 7 matches image 0
     assert item.labels.tolist() == [0, 0, 1]
     assert _lists(topk=3, num_samples=2).queries.tolist() == [0, 1]
+    # positives per list (topk 3): 0 -> [1, 2, 3]: 2; 1 -> [0, 2, 5]: 1; 2 -> [5, 3, 4]: 1; 3 -> [4, 5, 0]: 1; 5 -> [2, 4, 3]: 1
+    assert _lists(topk=3, min_positives=2).queries.tolist() == [0]
+    assert _lists(topk=3, min_positives=1).queries.tolist() == [0, 1, 2, 3, 5]
 
 
 def test_gallery_shuffle_is_seeded_by_seed_epoch_and_index():
@@ -75,7 +78,7 @@ def test_bad_lists_fail_clearly():
         TrainingLists(features, np.array([[1, 3], [0, 2], [0, 1]]), np.zeros(3), topk=1)
     with pytest.raises(ValueError, match="labels of shape"):
         TrainingLists(features, np.array([[1], [0], [0]]), np.zeros(4), topk=1)
-    with pytest.raises(ValueError, match="every landmark id is negative"):
+    with pytest.raises(ValueError, match="no image can be a query"):
         TrainingLists(features, np.array([[1], [0], [0]]), -np.ones(3), topk=1)
 
 
