@@ -88,8 +88,10 @@ class Dinov2AmesExtractor(ImageExtractor):
     @property
     def settings(self) -> dict:
         detector_hash = hashlib.sha1(self.detector_path.read_bytes()).hexdigest()
-        return {"model": self.model_name, "detector": detector_hash, "topk": self.topk, "imsize": self.imsize,
-                "dtype": str(self.dtype)}
+        folder = Path(self.model_name)  # a local model folder: its files' sizes and times stand for its weights
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()) if folder.is_dir() else []
+        return {"model": self.model_name, "model_files": files, "detector": detector_hash, "topk": self.topk,
+                "imsize": self.imsize, "dtype": str(self.dtype)}
 
     def preprocess(self, crop: Crop) -> np.ndarray:
         """The network input (3, H, W) float32, sides multiples of the patch size."""
