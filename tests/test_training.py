@@ -241,3 +241,59 @@ def test_recipe_files_and_overrides(tmp_path):
     assert (cfg.weight_decay, cfg.schedule, cfg.epochs) == (0.0, "constant", 3)
     with pytest.raises(ValueError, match="key=value"):
         load_config(recipe, ("lr",))
+
+
+# -- LoCoRE, through the command line and torchrun ---------------------------------------------
+
+
+def write_small_locore(folder, dropout=0.1, seed=0):
+    """A random LoCoRE checkpoint folder small enough for CPU training on the 32-d synthetic descriptors
+    (setup only: the trainer itself reaches LoCoRE through the registry)."""
+    from locore_plugin.adapters.locore import LocoreConfig, LocoreModel, save_checkpoint
+
+    config = LocoreConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          attention_window=16, max_position_embeddings=514, local_dim=32, global_dim=32,
+                          hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(seed)
+    save_checkpoint(LocoreModel(config), folder, "locore-tiny")
+    return str(folder)
+
+
+def locore_recipe(tmp_path, **overrides) -> Path:
+    values = dict(
+        reranker="locore-tiny", checkpoint=write_small_locore(tmp_path / "init", dropout=0.0),
+        output_dir=str(tmp_path / "run"), epochs=1, per_device_batch_size=4, grad_accumulation=1, lr=1e-3,
+        save_every=0, log_every=1, progress=False, device="cpu",
+        reranker_options={"num_locals": 6, "window": 5, "stride": 5, "shortlist": 5},
+        data={"synthetic": {"seeds": [3], "size": "tiny", "depth": 20}, "directory": str(tmp_path / "split"),
+              "num_locals": 6, "topk": 5, "num_samples": 16},
+    )
+    values.update(overrides)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(values))
+    return recipe
+
+
+def test_torchrun_two_processes_train_locore_like_one(tmp_path):
+    """The real path: `python -m locore_plugin.training` under torchrun (gloo on CPU), 2 processes x 2
+    lists against 1 process x 4 lists: the same global batch, the same weights (dropout off)."""
+    import subprocess
+
+    recipe = locore_recipe(tmp_path)
+    load = lambda folder: weights(folder)  # noqa: E731
+    from locore_plugin.training import main
+
+    assert main([str(recipe), "--output-dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "locore_plugin.training", str(recipe), "--output-dir", str(tmp_path / "two"), "--set", "per_device_batch_size=2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = load(tmp_path / "one" / "final"), load(tmp_path / "two" / "final")
+    assert_same(one, two, atol=1e-5)
+    start = load(tmp_path / "init")
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # training moved the weights
+    log = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3, 4]  # 16 lists / global batch 4
