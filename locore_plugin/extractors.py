@@ -14,19 +14,18 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
-import difflib
 import hashlib
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from .features import ImageFeatures
-from .plugins import load_plugins, plugin_distribution
+from .registry import RegistryEntry, collect, lookup
 
 BBox = Sequence[float]
 
@@ -35,46 +34,11 @@ BBox = Sequence[float]
 # Registry
 
 
-@dataclass(frozen=True)
-class ExtractorEntry:
-    name: str
-    factory: Callable[..., "ImageExtractor"]
-    plugin: str
-    distribution: str
-    description: str = ""
-    metadata: dict = field(default_factory=dict)
+def registered_extractors() -> dict[str, RegistryEntry]:
+    return collect("register_extractors", "extractor")
 
 
-class UnknownExtractorError(KeyError):
-    """No plugin registers this extractor name."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0])
-
-
-def registered_extractors() -> dict[str, ExtractorEntry]:
-    """Every registered extractor, asked afresh from the plugins (registration is cheap)."""
-    pm = load_plugins()
-    entries: dict[str, ExtractorEntry] = {}
-    for impl in pm.hook.register_extractors.get_hookimpls():
-        distribution = plugin_distribution(impl.plugin)
-
-        def register(name, factory, description="", _plugin=impl.plugin_name, _dist=distribution, **metadata):
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"plugin {_plugin!r}: invalid extractor name {name!r}")
-            if not callable(factory):
-                raise TypeError(f"plugin {_plugin!r}: the factory for extractor {name!r} is not callable")
-            if name in entries:
-                raise ValueError(
-                    f"extractor name {name!r} is registered twice: by {entries[name].plugin!r} and by {_plugin!r}"
-                )
-            entries[name] = ExtractorEntry(name, factory, _plugin, _dist, description, metadata)
-
-        impl.function(register=register)
-    return entries
-
-
-def list_extractors() -> list[ExtractorEntry]:
+def list_extractors() -> list[RegistryEntry]:
     """The registered extractors, sorted by name; each says which plugin and distribution provides it."""
     return sorted(registered_extractors().values(), key=lambda e: e.name)
 
@@ -87,12 +51,7 @@ def create_extractor(
     ``cache_size`` images' features stay in memory (least recently used dropped first);
     ``cache_dir`` also keeps them on disk, keyed by the extractor's settings and the image content.
     """
-    entries = registered_extractors()
-    if name not in entries:
-        close = difflib.get_close_matches(str(name), entries, n=5, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise UnknownExtractorError(f"unknown extractor {name!r}.{hint} Registered: {', '.join(sorted(entries))}")
-    extractor = entries[name].factory(**kwargs)
+    extractor = lookup(registered_extractors(), name, "extractor").factory(**kwargs)
     if not isinstance(extractor, ImageExtractor):
         raise TypeError(f"the factory of extractor {name!r} returned {type(extractor).__name__}, not an ImageExtractor")
     extractor.name = name

@@ -18,45 +18,61 @@ CHAIN_SEPARATOR = "+"
 
 
 @dataclass(frozen=True)
-class RerankerEntry:
+class RegistryEntry:
+    """One name a plugin registered (a re-ranker or an extractor) and who provides it."""
+
     name: str
-    factory: Callable[..., ImageReranker]
+    factory: Callable
     plugin: str
     distribution: str
     description: str = ""
     metadata: dict = field(default_factory=dict)
 
 
-class UnknownRerankerError(KeyError):
+class UnknownNameError(KeyError):
     """No plugin registers this name."""
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])
 
 
-def registered_rerankers() -> dict[str, RerankerEntry]:
-    """Every registered name, asked afresh from the plugins (registration is cheap)."""
+def collect(hook: str, kind: str, reserved: str = "") -> dict[str, RegistryEntry]:
+    """Ask every plugin implementing ``hook`` to register its names, afresh (registration is cheap).
+
+    ``kind`` names what is registered in errors; a name may not contain ``reserved``.
+    """
     pm = load_plugins()
-    entries: dict[str, RerankerEntry] = {}
-    for impl in pm.hook.register_rerankers.get_hookimpls():
+    entries: dict[str, RegistryEntry] = {}
+    for impl in getattr(pm.hook, hook).get_hookimpls():
         distribution = plugin_distribution(impl.plugin)
 
         def register(name, factory, description="", _plugin=impl.plugin_name, _dist=distribution, **metadata):
-            if not isinstance(name, str) or not name or CHAIN_SEPARATOR in name:
-                raise ValueError(f"plugin {_plugin!r}: invalid re-ranker name {name!r}")
+            if not isinstance(name, str) or not name or (reserved and reserved in name):
+                raise ValueError(f"plugin {_plugin!r}: invalid {kind} name {name!r}")
             if not callable(factory):
-                raise TypeError(f"plugin {_plugin!r}: the factory for {name!r} is not callable")
+                raise TypeError(f"plugin {_plugin!r}: the factory for {kind} {name!r} is not callable")
             if name in entries:
-                raise ValueError(
-                    f"re-ranker name {name!r} is registered twice: by {entries[name].plugin!r} and by {_plugin!r}"
-                )
-            entries[name] = RerankerEntry(name, factory, _plugin, _dist, description, metadata)
+                raise ValueError(f"{kind} name {name!r} is registered twice: by {entries[name].plugin!r} and by {_plugin!r}")
+            entries[name] = RegistryEntry(name, factory, _plugin, _dist, description, metadata)
 
         impl.function(register=register)
     return entries
 
 
-def list_rerankers() -> list[RerankerEntry]:
+def lookup(entries: dict[str, RegistryEntry], name: str, kind: str) -> RegistryEntry:
+    """The entry of ``name``, or an error that lists the close matches."""
+    if name not in entries:
+        close = difflib.get_close_matches(str(name), entries, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownNameError(f"unknown {kind} {name!r}.{hint} Registered: {', '.join(sorted(entries))}")
+    return entries[name]
+
+
+def registered_rerankers() -> dict[str, RegistryEntry]:
+    return collect("register_rerankers", "re-ranker", reserved=CHAIN_SEPARATOR)
+
+
+def list_rerankers() -> list[RegistryEntry]:
     """The registered re-rankers, sorted by name; each says which plugin and distribution provides it."""
     return sorted(registered_rerankers().values(), key=lambda e: e.name)
 
@@ -76,12 +92,7 @@ def create_reranker(name: str, stage_options: Optional[dict[str, dict]] = None, 
     entries = registered_rerankers()
     parts = name.split(CHAIN_SEPARATOR) if isinstance(name, str) else [name]
     for part in parts:
-        if part not in entries:
-            close = difflib.get_close_matches(str(part), entries, n=5, cutoff=0.5)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise UnknownRerankerError(
-                f"unknown re-ranker {part!r}.{hint} Registered: {', '.join(sorted(entries))}"
-            )
+        lookup(entries, part, "re-ranker")
     stage_options = stage_options or {}
     unknown = set(stage_options) - set(parts)
     if unknown:
@@ -93,7 +104,7 @@ def create_reranker(name: str, stage_options: Optional[dict[str, dict]] = None, 
     return ChainReranker([_build(entries[p], {**kwargs, **stage_options.get(p, {})}) for p in parts], name)
 
 
-def _build(entry: RerankerEntry, kwargs: dict) -> ImageReranker:
+def _build(entry: RegistryEntry, kwargs: dict) -> ImageReranker:
     reranker = entry.factory(**kwargs)
     if not isinstance(reranker, ImageReranker):
         raise TypeError(f"the factory of {entry.name!r} returned {type(reranker).__name__}, not an ImageReranker")

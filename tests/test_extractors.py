@@ -14,11 +14,12 @@ from locore_plugin import create_reranker
 from locore_plugin.cli import main
 from locore_plugin.descriptors import LocalReader, read_globals
 from locore_plugin.extractors import (
-    ImageExtractor, UnknownExtractorError, crop_box, create_extractor, list_extractors, load_image,
+    ImageExtractor, crop_box, create_extractor, list_extractors, load_image,
 )
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.plugins import pm
+from locore_plugin.registry import UnknownNameError
 
 CALLS = []  # images the probe extracted, across instances (the CLI builds its own)
 
@@ -91,7 +92,7 @@ def test_builtin_extractors_are_listed_with_their_plugin():
 
 
 def test_unknown_extractor_suggests_close_names_and_factories_reject_unknown_options():
-    with pytest.raises(UnknownExtractorError, match="Did you mean: sift"):
+    with pytest.raises(UnknownNameError, match="Did you mean: sift"):
         create_extractor("sfit")
     with pytest.raises(TypeError, match="no_such_option"):
         create_extractor("sift", no_such_option=1)

@@ -12,7 +12,7 @@ from locore_plugin import ImageFeatures, ImageReranker, create_reranker, list_re
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import ranked
 from locore_plugin.plugins import pm
-from locore_plugin.registry import UnknownRerankerError
+from locore_plugin.registry import UnknownNameError
 
 
 class Reverse(ImageReranker):
@@ -58,7 +58,7 @@ def test_a_plugin_adds_a_reranker_without_code_changes(reverse_plugin):
 
 
 def test_unknown_name_lists_close_matches():
-    with pytest.raises(UnknownRerankerError, match="Did you mean: superglobal"):
+    with pytest.raises(UnknownNameError, match="Did you mean: superglobal"):
         create_reranker("superglobl")
 
 
