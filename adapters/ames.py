@@ -253,4 +253,5 @@ def _factory(name):
 @hookimpl
 def register_rerankers(register):
     for name in CONFIGS:
-        register(name, _factory(name), description=DESCRIPTIONS[name], inputs="local", columns=())
+        extractor = "dinov2-ames" if "cvnet" not in name else None  # no CVNet extractor is registered
+        register(name, _factory(name), description=DESCRIPTIONS[name], inputs="local", columns=(), extractor=extractor)

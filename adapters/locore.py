@@ -587,4 +587,5 @@ def register_rerankers(register):
             description=f"LoCoRE (CVPR 2025) list-wise long-context re-ranker, {arch['num_hidden_layers']} layers, "
             f"hidden {arch['hidden_size']}, sliding windows",
             inputs="local+global",
+            extractor="dinov2-ames",
         )

@@ -2,6 +2,7 @@
 
 Importing the package connects it to ``rerankers.Reranker`` (see :mod:`locore_plugin.bridge`).
 """
+from .extractors import create_extractor, list_extractors
 from .features import ImageFeatures
 from .interface import ImageReranker, RerankResult
 from .metrics import compute_map
@@ -11,4 +12,7 @@ from . import bridge as _bridge
 
 _bridge.install()
 
-__all__ = ["ImageFeatures", "ImageReranker", "RerankResult", "compute_map", "create_reranker", "list_rerankers", "read_pickle"]
+__all__ = [
+    "ImageFeatures", "ImageReranker", "RerankResult", "compute_map", "create_extractor", "create_reranker",
+    "list_extractors", "list_rerankers", "read_pickle",
+]

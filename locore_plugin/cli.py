@@ -4,25 +4,25 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .evaluate import add_demo_command, add_eval_command
+from .extractors import add_extract_command, list_extractors
+from .registry import list_rerankers
+from .training import add_subcommand as add_train_command
+
 
 def _add_list(subparsers):
-    parser = subparsers.add_parser("list", help="list the registered re-rankers")
+    parser = subparsers.add_parser("list", help="list the registered re-rankers and feature extractors")
 
     def run(args):
-        from .registry import list_rerankers
-
-        entries = list_rerankers()
-        width = max(len(e.name) for e in entries)
-        for e in entries:
-            print(f"{e.name:<{width}}  [{e.distribution}: {e.plugin}]  {e.description}")
+        for title, entries in (("re-rankers", list_rerankers()), ("extractors", list_extractors())):
+            print(f"{title}:")
+            width = max((len(e.name) for e in entries), default=0)
+            for e in entries:
+                print(f"  {e.name:<{width}}  [{e.distribution}: {e.plugin}]  {e.description}")
         return 0
 
     parser.set_defaults(run=run)
 
-
-from .evaluate import add_demo_command, add_eval_command  # noqa: E402
-from .extractors import add_extract_command  # noqa: E402
-from .training import add_subcommand as add_train_command  # noqa: E402
 
 SUBCOMMANDS = [_add_list, add_eval_command, add_demo_command, add_extract_command, add_train_command]
 

@@ -6,8 +6,10 @@ from locore_plugin.cli import main
 
 def test_list_prints_name_provider_and_description(capsys):
     assert main(["list"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("superglobal "))
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.strip().startswith("superglobal "))
     assert "[locore-plugin: locore_plugin.adapters.superglobal]" in line and "SuperGlobal" in line
+    assert out.index("re-rankers:") < out.index("superglobal") < out.index("extractors:") < out.index("  sift ")
 
 
 def test_console_script_module_entry():
