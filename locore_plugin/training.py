@@ -546,23 +546,32 @@ def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
+_CHECKPOINTING = (  # method, keyword: transformers >= 5 names it activation checkpointing
+    ("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+    ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs"),
+)
+
+
 def _enable_gradient_checkpointing(module: torch.nn.Module, name: str) -> None:
-    """Ask the module (or, for a wrapper, its outermost sub-modules that can) to checkpoint activations."""
-    owners = [module] if hasattr(module, "gradient_checkpointing_enable") else []
+    """Ask the module (or, for a wrapper, its outermost sub-modules that can) to checkpoint
+    activations, non-reentrant (which DDP supports)."""
+
+    def able(m):
+        return next(((method, kw) for method, kw in _CHECKPOINTING if hasattr(m, method)), None)
+
+    owners = [module] if able(module) else []
     if not owners:
+        names: list[str] = []
         for child_name, child in module.named_modules():
-            if hasattr(child, "gradient_checkpointing_enable") and not any(
-                child_name.startswith(f"{o}.") for o in owners
-            ):
-                owners.append(child_name)
-        owners = [module.get_submodule(o) for o in owners]
+            if able(child) and not any(child_name.startswith(f"{o}.") for o in names):
+                names.append(child_name)
+        owners = [module.get_submodule(n) for n in names]
     if not owners:
-        raise ValueError(f"{name!r} does not support gradient checkpointing (no gradient_checkpointing_enable on its module)")
+        raise ValueError(f"{name!r} does not support gradient checkpointing (its module has no "
+                         f"{' or '.join(m for m, _ in _CHECKPOINTING)})")
     for owner in owners:
-        try:
-            owner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        except TypeError:
-            owner.gradient_checkpointing_enable()
+        method, keyword = able(owner)
+        getattr(owner, method)(**{keyword: {"use_reentrant": False}})
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -195,6 +195,15 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert not torch.allclose(weights(tmp_path / "one" / "final")["proj.weight"], initial_weights(0.0)["proj.weight"], atol=1e-3)
 
 
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    train(config(tmp_path, precision="bf16", epochs=1), make_lists())
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log if r["event"] == "train")
+    final = weights(tmp_path / "run" / "final")
+    assert final["proj.weight"].dtype == torch.float32  # master weights stay float32
+    assert not torch.allclose(final["proj.weight"], initial_weights()["proj.weight"], atol=1e-3)
+
+
 def test_validation_every_epoch_keeps_the_best_checkpoint(tmp_path):
     seen = []
 
@@ -276,14 +285,15 @@ def locore_recipe(tmp_path, **overrides) -> Path:
 
 def test_torchrun_two_processes_train_locore_like_one(tmp_path):
     """The real path: `python -m locore_plugin.training` under torchrun (gloo on CPU), 2 processes x 2
-    lists against 1 process x 4 lists: the same global batch, the same weights (dropout off)."""
+    lists against 1 process x 4 lists: the same global batch, the same weights (dropout off). The
+    single process also checkpoints activations, which must not change the result."""
     import subprocess
 
     recipe = locore_recipe(tmp_path)
     load = lambda folder: weights(folder)  # noqa: E731
     from locore_plugin.training import main
 
-    assert main([str(recipe), "--output-dir", str(tmp_path / "one")]) == 0
+    assert main([str(recipe), "--output-dir", str(tmp_path / "one"), "--set", "gradient_checkpointing=true"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
