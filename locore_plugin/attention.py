@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
+DEFAULT_BLOCK = 256
 _PROJECTIONS = ("query", "key", "value", "query_global", "key_global", "value_global")
 
 
@@ -42,8 +43,9 @@ class BlockedLongformerSelfAttention(nn.Module):
         self.layer_id = reference.layer_id
         self.config = reference.config
         self.one_sided_attn_window_size = reference.one_sided_attn_window_size
-        window = self.one_sided_attn_window_size
-        self.block_size = int(block_size or window)
+        # A block wastes block/(2w) of its keys (the band corners) and repeats the global keys once;
+        # 256 queries balanced the two best on CPU for both LoCoRE windows (w = 256 and 512).
+        self.block_size = int(block_size or min(self.one_sided_attn_window_size, DEFAULT_BLOCK))
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.train(reference.training)
@@ -68,13 +70,14 @@ class BlockedLongformerSelfAttention(nn.Module):
         output = self._local(hidden_states, attention_mask == 0, index, present)
         if is_global_attn:
             output = self._global_rows(hidden_states, output, index, present, is_index_masked)
-        return (output.masked_fill(is_index_masked[..., None], 0.0),)
+        return (output.masked_fill_(is_index_masked[..., None], 0.0),)
 
     def _local(self, hidden_states, windowed, index, present):
         """Every row's attention over its window (keys neither masked nor global) and the global keys.
 
-        Blocks of ``block`` queries, each with the keys [global tokens | the block +- w], go through
-        one ``scaled_dot_product_attention`` call (a fused kernel: no score tensor is stored).
+        Blocks of ``block`` queries, each with the keys [global tokens | positions block +- w]
+        gathered in one ``index_select``, go through one ``scaled_dot_product_attention`` call (a
+        fused kernel: the scores are never stored).
         """
         batch, length, embed = hidden_states.shape
         heads, dim = self.num_heads, self.head_dim
@@ -82,56 +85,53 @@ class BlockedLongformerSelfAttention(nn.Module):
         blocks = -(-length // block)
         padded = blocks * block
         span = block + 2 * w
-        num_global = 0 if index is None else index.shape[1]
+        device = hidden_states.device
+        # block b sees the positions [b*block - w, b*block + block + w); out-of-range ones are clamped and masked
+        rows = torch.arange(block, device=device)[:, None]
+        slots = torch.arange(span, device=device)[None, :]
+        positions = torch.arange(blocks, device=device)[:, None] * block - w + slots  # (blocks, span)
+        in_range = (positions >= 0) & (positions < length)
+        positions = positions.clamp(0, length - 1).expand(batch, -1, -1)
+        if index is not None:
+            positions = torch.cat([index[:, None, :].expand(-1, blocks, -1), positions], 2)
+        flat = (positions + torch.arange(batch, device=device)[:, None, None] * length).flatten()
+        keys_per_block = positions.shape[2]
 
-        query = self.query(hidden_states) * (1.0 / math.sqrt(dim))
-        query = _pad_tokens(query, 0, padded - length).view(batch, blocks, block, heads, dim).transpose(2, 3)
-        keys = hidden_states.new_empty(batch, blocks, num_global + span, embed)
-        values = torch.empty_like(keys)
-        for projection, out in ((self.key, keys), (self.value, values)):
-            projected = projection(hidden_states)
-            if num_global:
-                out[:, :, :num_global] = _gather_tokens(projected, index)[:, None]
-            # block b sees positions [b*block - w, b*block + block + w): an overlapping strided view
-            out[:, :, num_global:] = _windows(_pad_tokens(projected, w, padded - length + w), blocks, block, span)
-        keys = keys.view(batch, blocks, num_global + span, heads, dim).transpose(2, 3)
-        values = values.view(batch, blocks, num_global + span, heads, dim).transpose(2, 3)
-
-        # row r of a block may use window slot t iff r <= t <= r + 2w (|i - j| <= w) and key t is windowed
-        rows = torch.arange(block, device=windowed.device)[:, None]
-        slots = torch.arange(span, device=windowed.device)[None, :]
+        # query row r may use window slot t iff r <= t <= r + 2w (|i - j| <= w), t is in range and windowed
         band = (slots >= rows) & (slots <= rows + 2 * w)
-        key_ok = _windows(_pad_tokens(windowed[..., None], w, padded - length + w), blocks, block, span)[..., 0]
-        allowed = band & key_ok[:, :, None, :]  # (B, blocks, block, span)
-        if num_global:
+        window_ok = windowed.flatten().index_select(0, flat).view(batch, blocks, keys_per_block)
+        allowed = band & (window_ok[..., keys_per_block - span:] & in_range)[:, :, None, :]  # (B, blocks, block, span)
+        if index is not None:
             allowed = torch.cat([present[:, None, None, :].expand(-1, blocks, block, -1), allowed], -1)
-        bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-        bias.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+        bias = _additive_mask(allowed, hidden_states.dtype)
 
-        # 4-d inputs (blocks as batch) so that SDPA takes its fused CPU/GPU kernels, not the math path
-        output = nn.functional.scaled_dot_product_attention(
-            query.flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), attn_mask=bias.flatten(0, 1)[:, None],
-            dropout_p=self.dropout if self.training else 0.0, scale=1.0,
+        def blocked(projection):  # (B, L, E) -> (B * blocks, heads, keys_per_block, dim)
+            gathered = projection(hidden_states).view(batch * length, embed).index_select(0, flat)
+            return gathered.view(batch * blocks, keys_per_block, heads, dim).transpose(1, 2)
+
+        query = self.query(hidden_states)
+        if padded != length:
+            query = nn.functional.pad(query, (0, 0, 0, padded - length))
+        query = query.view(batch * blocks, block, heads, dim).transpose(1, 2)
+        output = nn.functional.scaled_dot_product_attention(  # 4-d inputs: SDPA's fused kernels, not its math path
+            query, blocked(self.key), blocked(self.value), attn_mask=bias.view(batch * blocks, 1, block, keys_per_block),
+            dropout_p=self.dropout if self.training else 0.0, scale=1.0 / math.sqrt(dim),
         )  # (B * blocks, heads, block, dim)
-        return output.view(batch, blocks, heads, block, dim).transpose(2, 3).reshape(batch, padded, embed)[:, :length]
+        return output.transpose(1, 2).reshape(batch, padded, embed)[:, :length]
 
     def _global_rows(self, hidden_states, output, index, present, is_index_masked):
         """Overwrite the global tokens' rows: they attend to every unmasked token with the global projections."""
         batch, length, embed = hidden_states.shape
         heads, dim = self.num_heads, self.head_dim
-        query = self.query_global(_gather_tokens(hidden_states, index)) * (1.0 / math.sqrt(dim))
-        query = query.view(batch, -1, heads, dim).transpose(1, 2)
+        query = self.query_global(_gather_tokens(hidden_states, index)).view(batch, -1, heads, dim).transpose(1, 2)
         key = self.key_global(hidden_states).view(batch, length, heads, dim).transpose(1, 2)
         value = self.value_global(hidden_states).view(batch, length, heads, dim).transpose(1, 2)
-        bias = torch.zeros(batch, 1, 1, length, dtype=query.dtype, device=query.device)
-        bias.masked_fill_(is_index_masked[:, None, None, :], torch.finfo(query.dtype).min)
+        bias = _additive_mask(~is_index_masked[:, None, None, :], hidden_states.dtype)
         rows = nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0
+            query, key, value, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0 / math.sqrt(dim)
         ).transpose(1, 2).reshape(batch, -1, embed)
-        target = torch.where(present, index, length)  # absent slots land in an extra row that is dropped
-        output = torch.cat([output, output.new_zeros(batch, 1, embed)], 1)
-        output = output.scatter(1, target[..., None].expand(-1, -1, embed), rows)
-        return output[:, :length]
+        owner = torch.arange(batch, device=index.device)[:, None].expand_as(index)
+        return output.index_put((owner[present], index[present]), rows[present])
 
 
 def _global_index(is_global: torch.Tensor):
@@ -143,22 +143,17 @@ def _global_index(is_global: torch.Tensor):
     return order, present
 
 
-def _pad_tokens(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
-    """Zero-pad the token dimension (1) of a (B, L, ...) tensor into a new contiguous one."""
-    out = x.new_zeros(x.shape[0], front + x.shape[1] + back, *x.shape[2:])
-    out[:, front:front + x.shape[1]] = x
-    return out
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where allowed, the dtype's most negative finite value elsewhere (as the reference: no -inf, no NaN rows)."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` (B, G) of a (B, L, E) tensor: (B, G, E)."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _windows(x: torch.Tensor, blocks: int, block: int, span: int) -> torch.Tensor:
-    """(B, blocks*block + span - block, E) -> overlapping view (B, blocks, span, E) with stride ``block``."""
-    s = x.stride()
-    return x.as_strided((x.shape[0], blocks, span, x.shape[2]), (s[0], block * s[1], s[1], s[2]))
+    batch, length, embed = x.shape
+    flat = index + torch.arange(batch, device=index.device)[:, None] * length
+    return x.reshape(batch * length, embed).index_select(0, flat.flatten()).view(batch, -1, embed)
 
 
 def blocked_attention(module: nn.Module) -> nn.Module:
