@@ -29,11 +29,16 @@ DEFAULT_BLOCK = 256
 _PROJECTIONS = ("query", "key", "value", "query_global", "key_global", "value_global")
 
 
-class BlockedLongformerSelfAttention(nn.Module):
-    """Drop-in replacement for ``LongformerSelfAttention`` (same parameters and call signature)."""
+class BlockedLongformerSelfAttention(LongformerSelfAttention):
+    """Drop-in replacement for ``LongformerSelfAttention`` (same parameters and call signature).
 
-    def __init__(self, reference: nn.Module, block_size: int | None = None):
-        super().__init__()
+    Two cases run the inherited reference code instead: ``output_attentions=True`` (the blocked
+    path never forms the attention maps) and float64, the verification precision, where the
+    reference rounds its probabilities to float32 (a fused kernel cannot repeat that rounding).
+    """
+
+    def __init__(self, reference: LongformerSelfAttention, block_size: int | None = None):
+        nn.Module.__init__(self)  # the reference's own __init__ would allocate fresh projections
         for name in _PROJECTIONS:
             setattr(self, name, getattr(reference, name))
         self.num_heads = reference.num_heads
@@ -53,8 +58,9 @@ class BlockedLongformerSelfAttention(nn.Module):
     def forward(self, hidden_states, attention_mask=None, is_index_masked=None, is_index_global_attn=None,
                 is_global_attn=None, output_attentions=False):
         """``hidden_states`` (B, L, E), ``attention_mask`` (B, L) -> ``(attn_output (B, L, E),)``."""
-        if output_attentions:
-            raise ValueError("the blocked attention does not return attention maps; use the 'transformers' implementation")
+        if output_attentions or hidden_states.dtype == torch.float64:
+            return super().forward(hidden_states, attention_mask, is_index_masked, is_index_global_attn,
+                                   is_global_attn, output_attentions)
         batch, length, _ = hidden_states.shape
         if attention_mask is None:
             attention_mask = hidden_states.new_zeros(batch, length)
@@ -163,7 +169,7 @@ def blocked_attention(module: nn.Module) -> nn.Module:
 
 def reference_attention(module: nn.Module) -> nn.Module:
     """Factory: ``transformers``' ``LongformerSelfAttention`` sharing ``module``'s projections."""
-    if isinstance(module, LongformerSelfAttention):
+    if type(module) is LongformerSelfAttention:
         return module
     reference = LongformerSelfAttention(module.config, module.layer_id)
     for name in _PROJECTIONS:
