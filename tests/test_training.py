@@ -255,13 +255,13 @@ def test_recipe_files_and_overrides(tmp_path):
 # -- LoCoRE, through the command line and torchrun ---------------------------------------------
 
 
-def write_small_locore(folder, dropout=0.1, seed=0):
+def write_small_locore(folder, dropout=0.1, heads=2, window=16, seed=0):
     """A random LoCoRE checkpoint folder small enough for CPU training on the 32-d synthetic descriptors
     (setup only: the trainer itself reaches LoCoRE through the registry)."""
     from locore_plugin.adapters.locore import LocoreConfig, LocoreModel, save_checkpoint
 
-    config = LocoreConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                          attention_window=16, max_position_embeddings=514, local_dim=32, global_dim=32,
+    config = LocoreConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=64,
+                          attention_window=window, max_position_embeddings=1026, local_dim=32, global_dim=32,
                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     save_checkpoint(LocoreModel(config), folder, "locore-tiny")
@@ -307,3 +307,28 @@ def test_torchrun_two_processes_train_locore_like_one(tmp_path):
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # training moved the weights
     log = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3, 4]  # 16 lists / global batch 4
+
+
+def test_small_locore_trained_briefly_beats_the_global_ranking_on_held_out_queries(tmp_path):
+    """100 steps (400 lists of synthetic worlds 1-2) of a 1-layer, hidden-32 LoCoRE, then the
+    held-out benchmark (world 0: other instances) re-ranked by sliding windows over the top 8.
+    Measured: Medium 60.2 vs 56.7 global, Hard 43.9 vs 39.8 (other seeds of the init and the
+    list order, with a third training world: Medium 59.2-59.4); required: +1.5 Medium and a better
+    Hard. The fusion uses temperature 1 (official 0.1) so that a small model's logits count."""
+    from locore_plugin.training import main
+
+    recipe = locore_recipe(
+        tmp_path, checkpoint=write_small_locore(tmp_path / "init", heads=4, window=32), lr=3e-3, log_every=10,
+        reranker_options={"num_locals": 24, "window": 8, "stride": 4, "shortlist": 8, "temperature": 1.0},
+        data={"synthetic": {"seeds": [1, 2]}, "directory": str(tmp_path / "split"), "num_locals": 24, "topk": 8,
+              "num_samples": 400},
+        validation={"synthetic": {"seed": 0}, "directory": str(tmp_path / "benchmark"), "top_k": 8,
+                    "num_locals": 24, "protocols": ["medium", "hard"]},
+    )
+    assert main([str(recipe)]) == 0
+    result = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][-1]
+    assert result["event"] == "epoch" and result["step"] == 100
+    assert result["medium_mAP"] >= result["global_medium_mAP"] + 1.5, result
+    assert result["hard_mAP"] > result["global_hard_mAP"], result
+    best = json.loads((tmp_path / "run" / "best" / "training.json").read_text())["best"]
+    assert best["metric"] == "medium_mAP" and best["value"] == result["medium_mAP"]
