@@ -10,6 +10,8 @@ official code does (it models storing the database in half precision).
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
@@ -19,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import load_strict
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.pairwise import PairwiseReranker, read_checkpoint, save_directory
+from locore_plugin.pairwise import PairwiseReranker, architecture, save_directory
 
 # conf/model/ames.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768, CVNet: 1024).
 _OFFICIAL = dict(model_dim=128, nhead=2, num_encoder_layers=5, dim_feedforward=1024, activation="relu",
@@ -209,21 +211,7 @@ def build_ames(
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
     ``config`` overrides architecture keys of the named config; ``fusion`` is (lambda, gamma),
     ``"default"`` for the official value of this descriptor type, or None for the logit alone."""
-    settings = dict(CONFIGS[name])
-    state = None
-    if checkpoint is not None:
-        saved, state = read_checkpoint(checkpoint)
-        if saved is not None:
-            settings.update(saved["model"])
-    elif pretrained:
-        raise ValueError(
-            f"{name} needs checkpoint= (the official weights are published by pavelsuma/ames); "
-            "pass pretrained=False for a randomly initialised model"
-        )
-    unknown = set(config or {}) - set(settings)
-    if unknown:
-        raise ValueError(f"unknown AMES config key(s) {sorted(unknown)}; known: {sorted(settings)}")
-    settings.update(config or {})
+    settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "pavelsuma/ames")
     if settings["activation"] not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {settings['activation']!r}")
     module = AMES(settings)
@@ -242,16 +230,8 @@ def build_ames(
     )
 
 
-def _factory(name):
-    def factory(**kwargs):
-        return build_ames(name, **kwargs)
-
-    factory.__doc__ = build_ames.__doc__
-    return factory
-
-
 @hookimpl
 def register_rerankers(register):
     for name in CONFIGS:
         extractor = "dinov2-ames" if "cvnet" not in name else None  # no CVNet extractor is registered
-        register(name, _factory(name), description=DESCRIPTIONS[name], inputs="local", columns=(), extractor=extractor)
+        register(name, functools.partial(build_ames, name), description=DESCRIPTIONS[name], inputs="local", columns=(), extractor=extractor)

@@ -14,6 +14,7 @@ forward is the official one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -414,14 +415,6 @@ def build_r2former(
     )
 
 
-def _factory(name: str):
-    def factory(**kwargs) -> R2FormerReranker:
-        return build_r2former(name, **kwargs)
-
-    factory.__doc__ = build_r2former.__doc__
-    return factory
-
-
 DESCRIPTIONS = {
     "r2former": "R2Former (CVPR 2023) pair re-ranker: top-5 local correspondences of 128-d locals with xy and attention",
     "r2former-768": "R2Former* of the LoCoRE paper: hidden 768 on 768-d DINOv2 locals",
@@ -431,4 +424,4 @@ DESCRIPTIONS = {
 @hookimpl
 def register_rerankers(register):
     for name in CONFIGS:
-        register(name, _factory(name), description=DESCRIPTIONS[name], inputs="local", columns=R2FormerReranker.columns)
+        register(name, functools.partial(build_r2former, name), description=DESCRIPTIONS[name], inputs="local", columns=R2FormerReranker.columns)

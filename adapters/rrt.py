@@ -8,6 +8,8 @@ logit, by which the official evaluation ranks (no fusion with the global similar
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import numpy as np
@@ -18,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import load_strict
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.pairwise import PairwiseReranker, read_checkpoint, save_directory
+from locore_plugin.pairwise import PairwiseReranker, architecture, save_directory
 
 # RRT_GLD/models/ingredient.py, named config RRT (seq_len and dim_K only served the unused Linformer).
 CONFIGS = {
@@ -227,21 +229,7 @@ def build_rrt(
     ranks by the ensemble with the global similarity; None (the official behaviour) by the logit.
     ``scale_column``: "value" (DELG scales, the default of ``rrt``) or "index" (a pyramid-level
     index as in the AMES-format files, the default of ``rrt-768``)."""
-    settings = dict(CONFIGS[name])
-    state = None
-    if checkpoint is not None:
-        saved, state = read_checkpoint(checkpoint)
-        if saved is not None:
-            settings.update(saved["model"])
-    elif pretrained:
-        raise ValueError(
-            f"{name} needs checkpoint= (the official weights are published by uvavision/RerankingTransformer); "
-            "pass pretrained=False for a randomly initialised model"
-        )
-    unknown = set(config or {}) - set(settings)
-    if unknown:
-        raise ValueError(f"unknown RRT config key(s) {sorted(unknown)}; known: {sorted(settings)}")
-    settings.update(config or {})
+    settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "uvavision/RerankingTransformer")
     if settings["activation"] not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {settings['activation']!r}")
     module = MatchERT(settings)
@@ -261,15 +249,7 @@ def build_rrt(
     )
 
 
-def _factory(name):
-    def factory(**kwargs):
-        return build_rrt(name, **kwargs)
-
-    factory.__doc__ = build_rrt.__doc__
-    return factory
-
-
 @hookimpl
 def register_rerankers(register):
     for name in CONFIGS:
-        register(name, _factory(name), description=DESCRIPTIONS[name], inputs="global+local", columns=("scale",))
+        register(name, functools.partial(build_rrt, name), description=DESCRIPTIONS[name], inputs="global+local", columns=("scale",))

@@ -226,6 +226,31 @@ def read_checkpoint(checkpoint) -> tuple[Optional[dict], dict[str, torch.Tensor]
     return None, read_state_dict(path)
 
 
+def architecture(
+    name: str, defaults: dict, checkpoint, pretrained: bool, overrides: Optional[dict], published_by: str
+) -> tuple[dict, Optional[dict]]:
+    """The settings of a named config, updated by a saved folder's config and then by
+    ``overrides`` (an unknown key is an error), and the checkpoint's tensors (None without one).
+
+    Without a checkpoint, ``pretrained=True`` is an error: a learned method with random weights
+    must be asked for explicitly (``pretrained=False``)."""
+    if checkpoint is None and pretrained:
+        raise ValueError(
+            f"{name} needs checkpoint= (the official weights are published by {published_by}); "
+            "pass pretrained=False for a randomly initialised model"
+        )
+    settings, state = dict(defaults), None
+    if checkpoint is not None:
+        saved, state = read_checkpoint(checkpoint)
+        if saved is not None:
+            settings.update(saved["model"])
+    unknown = set(overrides or {}) - set(settings)
+    if unknown:
+        raise ValueError(f"unknown {name} config key(s) {sorted(unknown)}; known: {sorted(settings)}")
+    settings.update(overrides or {})
+    return settings, state
+
+
 def _check_dim(expected: Optional[int], got: int, what: str) -> None:
     if expected is not None and got != expected:
         raise ValueError(f"{what} have dimension {got}, but the model expects {expected}")
