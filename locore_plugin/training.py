@@ -372,12 +372,19 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train until ``epochs`` (or ``max_steps``) are done; returns the last log record."""
+        determinism = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        try:
+            return self._fit()
+        finally:  # a process-wide switch: leave it as it was
+            torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
+
+    def _fit(self) -> dict:
         self._setup()
         cfg = self.config
         stop = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
         bar = tqdm(total=stop, initial=min(self.step, stop), desc=f"train {cfg.reranker}", unit="step",
                    disable=not (cfg.progress and self.ctx.is_main))
-        record: dict = {}
+        record: dict = {"event": "done", "step": self.step, "epoch": self.epoch}  # when nothing is left to do
         saved_at = self.step
         try:
             while self.step < stop:

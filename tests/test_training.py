@@ -309,6 +309,36 @@ def test_torchrun_two_processes_train_locore_like_one(tmp_path):
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3, 4]  # 16 lists / global batch 4
 
 
+def test_locore_killed_mid_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL a command-line LoCoRE run (dropout on: the RNG states matter) once it has written
+    a checkpoint, rerun the command: the result equals an uninterrupted run bit for bit."""
+    import signal
+    import subprocess
+    import time
+
+    from locore_plugin.training import main
+
+    recipe = locore_recipe(tmp_path, epochs=10, log_every=5, checkpoint=write_small_locore(tmp_path / "init", dropout=0.1))
+    threads = str(torch.get_num_threads())  # the same arithmetic in both processes
+    assert main([str(recipe), "--output-dir", str(tmp_path / "whole")]) == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "locore_plugin.training", str(recipe), "--output-dir", str(killed),
+                                "--set", "save_every=1"],
+                               env={**os.environ, "OMP_NUM_THREADS": threads}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed / "latest").is_file() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    step = int((killed / "latest").read_text().strip().rsplit("-", 1)[1])
+    assert step < 40 and not (killed / "final").exists()  # it did die mid-run (40 steps in all)
+    assert main([str(recipe), "--output-dir", str(killed)]) == 0
+    assert_same(weights(tmp_path / "whole" / "final"), weights(killed / "final"))
+
+
 def test_small_locore_trained_briefly_beats_the_global_ranking_on_held_out_queries(tmp_path):
     """100 steps (400 lists of synthetic worlds 1-2) of a 1-layer, hidden-32 LoCoRE, then the
     held-out benchmark (world 0: other instances) re-ranked by sliding windows over the top 8.
