@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
+REFERENCE, FAST = "transformers", "blocked"  # the implementation names (a model's ``attn_implementation``)
 DEFAULT_BLOCK = 256
 _PROJECTIONS = ("query", "key", "value", "query_global", "key_global", "value_global")
 
@@ -175,3 +176,6 @@ def reference_attention(module: nn.Module) -> nn.Module:
     for name in _PROJECTIONS:
         setattr(reference, name, getattr(module, name))
     return reference.train(module.training)
+
+
+IMPLEMENTATIONS = {REFERENCE: reference_attention, FAST: blocked_attention}

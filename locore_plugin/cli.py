@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .bench import add_parser as add_bench_command
 from .evaluate import add_demo_command, add_eval_command
 from .extractors import add_extract_command, list_extractors
 from .registry import list_rerankers
@@ -24,7 +25,7 @@ def _add_list(subparsers):
     parser.set_defaults(run=run)
 
 
-SUBCOMMANDS = [_add_list, add_eval_command, add_demo_command, add_extract_command, add_train_command]
+SUBCOMMANDS = [_add_list, add_eval_command, add_demo_command, add_extract_command, add_train_command, add_bench_command]
 
 
 def main(argv=None) -> int:
