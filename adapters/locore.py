@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LongformerConfig, LongformerModel
 
-from locore_plugin.attention import blocked_attention, reference_attention
+from locore_plugin.attention import FAST, IMPLEMENTATIONS
 from locore_plugin.checkpoints import load_strict, read_state_dict
 from locore_plugin.features import ImageFeatures, stack_globals, stack_locals
 from locore_plugin.hookspecs import hookimpl
@@ -46,8 +46,7 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 # Replacements for the self-attention of every layer, by name: factory(LongformerSelfAttention) -> module
 # with the same parameters (names and shapes) and call signature. "transformers" is the reference;
 # "blocked" (locore_plugin.attention) computes the same function faster and is the default.
-ATTENTION_IMPLEMENTATIONS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "transformers": reference_attention, "blocked": blocked_attention}
+ATTENTION_IMPLEMENTATIONS: dict[str, Callable[[nn.Module], nn.Module]] = IMPLEMENTATIONS
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ class _LanguageModel(nn.Module):
 class LocoreModel(nn.Module):
     """Descriptors in, one 2-class logit pair per token out (the official ``ExtractiveLongformerForCache``)."""
 
-    def __init__(self, config: LocoreConfig, attn_implementation: str = "blocked"):
+    def __init__(self, config: LocoreConfig, attn_implementation: str = FAST):
         super().__init__()
         self.config = config
         hidden = config.hidden_size
@@ -284,7 +283,7 @@ class LocoreReranker(TrainableReranker):
     def __init__(self, variant: str, checkpoint=None, pretrained: bool = True, device=None, dtype="fp32",
                  batch_size: int = 4, verbose: int = 0, num_locals: int = 48, window: int = 100, stride: int = 50,
                  shortlist: int = 400, order: str = "end-to-start", alpha: float = 0.5, temperature: float = 0.1,
-                 reduction: str = "max-end", attn_implementation: str = "blocked",
+                 reduction: str = "max-end", attn_implementation: str = FAST,
                  use_global: Optional[bool] = None):
         if not pretrained and checkpoint is not None:
             raise ValueError("pretrained=False builds random weights; do not also pass a checkpoint")
