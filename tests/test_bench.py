@@ -11,7 +11,8 @@ from locore_plugin.cli import main
 
 COST_FIELDS = {"name", "device", "params", "flops", "latency_ms_mean", "latency_ms_std", "peak_mem_mb", "queries_per_s",
                "setting", "flop_per_s"}
-ATTENTION_FIELDS = {"name", "tokens", "reference_ms", "fast_ms", "speedup", "max_abs_diff"}
+ATTENTION_FIELDS = {"name", "tokens", "reference_ms", "fast_ms", "speedup", "max_abs_diff", "reference_attention_ms",
+                    "fast_attention_ms", "attention_speedup"}
 
 
 def test_flop_counts_by_hand():
