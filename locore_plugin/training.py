@@ -34,7 +34,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"
+    num_threads: Optional[int] = None  # torch intra-op threads (CPU); small models run best on 1 when cores are shared
     num_workers: int = 0
     log_every: int = 10
     save_every: int = 1000  # optimizer steps between checkpoints (and one at every epoch end)
@@ -99,6 +100,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.save_every < 0 or self.warmup_steps < 0 or self.num_workers < 0:
             raise ValueError("save_every, warmup_steps and num_workers must be >= 0")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or unset, got {self.num_threads}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or unset, got {self.max_steps}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -277,6 +280,8 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, ctx = self.config, self.ctx
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
