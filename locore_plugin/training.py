@@ -396,11 +396,11 @@ class Trainer:
                 micro = self._micro_batches()
                 while self.step_in_epoch < self.steps_per_epoch and self.step < stop:
                     started = time.perf_counter()
+                    lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                     loss = self._optimizer_step(micro)
                     self.step += 1
                     self.step_in_epoch += 1
                     rate = self.global_batch / max(time.perf_counter() - started, 1e-9)
-                    lr = self.scheduler.get_last_lr()[0]
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", lists_s=f"{rate:.1f}")
                     record = {"event": "train", "step": self.step, "loss": loss, "lr": lr, "lists_per_s": rate,

@@ -205,6 +205,16 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert not torch.allclose(weights(tmp_path / "one" / "final")["proj.weight"], initial_weights(0.0)["proj.weight"], atol=1e-3)
 
 
+def test_schedules_log_the_rate_each_step_used(tmp_path):
+    train(config(tmp_path, schedule="linear", warmup_steps=2, epochs=1, lr=0.1), make_lists())  # 6 steps
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    rates = [r["lr"] for r in log if r["event"] == "train"]
+    np.testing.assert_allclose(rates, [0.05, 0.1, 0.1, 0.075, 0.05, 0.025])  # warm-up, then linear decay
+    train(config(tmp_path, "constant", epochs=1, lr=0.1), make_lists())
+    log = [json.loads(l) for l in (tmp_path / "constant" / "log.jsonl").read_text().splitlines()]
+    assert {r["lr"] for r in log if r["event"] == "train"} == {0.1}
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     train(config(tmp_path, precision="bf16", epochs=1), make_lists())
     log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
