@@ -1,11 +1,12 @@
 """Blocked Longformer self-attention: the ``transformers`` ``LongformerSelfAttention`` function, faster.
 
 The reference (``transformers.models.longformer``) builds the sliding window from overlapping
-2w x 2w chunks and then re-diagonalises them with several pads, strided views and copies; on a CPU
-most of a LoCoRE forward is spent there. Here the (window-padded) sequence is cut into blocks of
-``block`` queries; each block is multiplied once with the ``block + 2w`` keys around it (one batched
-matmul, the keys are a strided view of the padded key tensor, never copied), so the largest score
-tensor is ``L x (block + 2w)`` per head, never ``L x L``.
+2w x 2w chunks and then re-diagonalises them with pads, strided views and copies of the full score
+tensor; on a CPU most of a LoCoRE forward is spent there. Here the (window-padded) sequence is cut
+into blocks of ``block`` queries; each block's keys, the G global tokens and the positions within
+``block`` +- w, are gathered in one ``index_select``, and one ``scaled_dot_product_attention`` call
+(a fused kernel that never stores the scores) runs every block with an additive band mask. The
+largest intermediate is that mask, ``L x (G + block + 2w)``; a dense ``L x L`` matrix never exists.
 
 Semantics are those of the reference, with ``attention_mask`` as ``LongformerModel`` passes it
 (negative: masked, 0: local, positive: global):
@@ -77,7 +78,7 @@ class BlockedLongformerSelfAttention(LongformerSelfAttention):
         output = self._local(hidden_states, attention_mask == 0, index, present)
         if is_global_attn:
             output = self._global_rows(hidden_states, output, index, present, is_index_masked)
-        return (output.masked_fill_(is_index_masked[..., None], 0.0),)
+        return (output.masked_fill(is_index_masked[..., None], 0.0),)
 
     def _local(self, hidden_states, windowed, index, present):
         """Every row's attention over its window (keys neither masked nor global) and the global keys.
