@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -275,7 +275,9 @@ class LocoreReranker(TrainableReranker):
     (a ``config.json`` beside it is used), or a Hugging Face hub id (tried only when the hub is
     reachable). Without ``config.json`` the architecture is the named variant's (Table A), with the
     descriptor dimensions read from the checkpoint. No checkpoint, or ``pretrained=False``: random
-    weights. ``window`` images of ``num_locals`` locals share one sequence; ``batch_size`` windows
+    weights. ``config`` overrides architecture fields of :class:`LocoreConfig` (e.g. a small model
+    on 32-d descriptors: ``config={"hidden_size": 64, "num_hidden_layers": 1, "local_dim": 32, ...}``).
+    ``window`` images of ``num_locals`` locals share one sequence; ``batch_size`` windows
     share one forward pass. An image with more than ``num_locals`` valid locals keeps those with the
     largest detector weight (the official files are sorted by it), else its first ones.
     """
@@ -284,7 +286,7 @@ class LocoreReranker(TrainableReranker):
                  batch_size: int = 4, verbose: int = 0, num_locals: int = 48, window: int = 100, stride: int = 50,
                  shortlist: int = 400, order: str = "end-to-start", alpha: float = 0.5, temperature: float = 0.1,
                  reduction: str = "max-end", attn_implementation: str = FAST,
-                 use_global: Optional[bool] = None):
+                 use_global: Optional[bool] = None, config: Optional[dict] = None):
         if not pretrained and checkpoint is not None:
             raise ValueError("pretrained=False builds random weights; do not also pass a checkpoint")
         if min(num_locals, window, stride, shortlist, batch_size) < 1:
@@ -300,10 +302,14 @@ class LocoreReranker(TrainableReranker):
         self.batch_size, self.verbose = int(batch_size), verbose
         self.num_locals, self.window, self.stride, self.shortlist = int(num_locals), int(window), int(stride), int(shortlist)
         self.order, self.alpha, self.temperature, self.reduction = order, float(alpha), float(temperature), reduction
-        state, config = (None, None) if checkpoint is None else _read_checkpoint(checkpoint, variant)
-        config = config or LocoreConfig.variant(variant)
+        overrides = dict(config or {})
+        unknown = set(overrides) - {f.name for f in fields(LocoreConfig)}
+        if unknown:
+            raise ValueError(f"unknown LoCoRE config key(s) {sorted(unknown)}; known: {sorted(f.name for f in fields(LocoreConfig))}")
         if use_global is not None:
-            config = replace(config, use_global=bool(use_global))
+            overrides["use_global"] = bool(use_global)
+        state, config = (None, None) if checkpoint is None else _read_checkpoint(checkpoint, variant)
+        config = replace(config or LocoreConfig.variant(variant), **overrides)
         if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"unknown attn_implementation {attn_implementation!r}; use one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
         self.config = config

@@ -20,7 +20,10 @@ import inspect
 import json
 import os
 import sys
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -663,11 +666,46 @@ def untrained_reason(name: str, checkpoints: Sequence[str] = ()) -> Optional[str
     return None
 
 
+# The CPU smoke recipes (in ``recipes/``, installed as ``locore_plugin.recipes``) that ``demo``
+# trains, so that learned re-rankers take part with weights that mean something.
+DEMO_TRAINING = ("train_cpu_smoke.toml", "train_cpu_smoke_ames.toml")
+
+
+def train_demo_rerankers(out, log=print) -> list[MethodSpec]:
+    """Train the demo's learned re-rankers briefly on synthetic worlds other than the benchmark's.
+
+    A finished run is reused and an interrupted one resumes. Rows use the ``final`` weights, not
+    ``best``: the recipes validate on the benchmark itself, so picking by it would flatter them.
+    """
+    from importlib.resources import as_file, files
+
+    from .training import load_config, train
+
+    out = Path(out)
+    methods = []
+    for recipe in DEMO_TRAINING:
+        stem = recipe.removesuffix(".toml")
+        overrides = (f"output_dir={json.dumps(str(out / 'train' / stem))}",
+                     f"data.directory={json.dumps(str(out / 'train-data'))}",
+                     f"validation.directory={json.dumps(str(out / 'data'))}")
+        with as_file(files("locore_plugin.recipes") / recipe) as path:
+            config = load_config(path, overrides)
+        final = Path(config.output_dir) / "final"
+        if not final.is_dir():
+            log(f"training {config.reranker} briefly on synthetic worlds ({recipe}; once, then reused) ...")
+            train(config)
+        options = {k: v for k, v in config.reranker_options.items() if k != "config"}
+        methods.append(MethodSpec(config.reranker, options={**options, "checkpoint": str(final)},
+                                  label=f"{config.reranker} (trained: {stem})"))
+    return methods
+
+
 def demo(out="locore-demo", size: str = "small", seed: int = 0, rerankers: Optional[Sequence[str]] = None,
-         checkpoints: Sequence[str] = (), top_k: int = 100, log=print) -> dict:
+         checkpoints: Sequence[str] = (), top_k: int = 100, train: bool = True, log=print) -> dict:
     """The built-in benchmark: write the synthetic dataset under ``{out}/data`` and compare the
     re-rankers on it (every registered training-free one by default). A learned re-ranker runs
-    only with a ``NAME=PATH`` checkpoint: random weights would say nothing."""
+    only with trained weights: a ``NAME=PATH`` checkpoint, or (``train``, the default) the brief
+    CPU training of ``DEMO_TRAINING``; random weights would say nothing."""
     from . import synthetic
     from .registry import list_rerankers
 
@@ -684,13 +722,17 @@ def demo(out="locore-demo", size: str = "small", seed: int = 0, rerankers: Optio
     methods = [MethodSpec(name) for name in chosen]
     apply_options(methods, [_checkpoint_option(c) for c in checkpoints if c.partition("=")[0] in
                             {p for m in methods for p in m.name.split("+")}])
+    if train and size == "small" and seed == 0:
+        methods += train_demo_rerankers(out, log)
+    elif train:
+        log("the demo's training recipes validate on the small benchmark of seed 0; no trained rows for this size/seed")
     config = EvalConfig(datasets=[synthetic.DATASET], methods=methods, data_root=str(out / "data"),
                         out=str(out / "results"), desc=synthetic.DESCRIPTOR, top_k=top_k)
     return run(config, log=log)
 
 
 def _run_demo(args) -> None:
-    report = demo(args.out, args.size, args.seed, args.rerankers, args.checkpoint, args.top_k)
+    report = demo(args.out, args.size, args.seed, args.rerankers, args.checkpoint, args.top_k, train=not args.no_train)
     print()
     print(f"Built-in synthetic benchmark ({args.size}, seed {args.seed}):")
     print(format_table(report))
@@ -712,6 +754,8 @@ def add_demo_command(subparsers) -> None:
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                         help="trained weights for a learned re-ranker, which then takes part")
     parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--no-train", action="store_true",
+                        help="skip the brief CPU training of a small LoCoRE and a small AMES (their rows are then left out)")
     parser.set_defaults(run=lambda args: _guarded(_run_demo, args))
 
 

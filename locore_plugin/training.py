@@ -36,6 +36,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -43,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .interface import TrainableReranker
 from .registry import create_reranker
 from .runtime import resolve_dtype
@@ -137,8 +143,6 @@ def load_config(path, overrides: tuple[str, ...] = ()) -> TrainConfig:
     if not path.is_file():
         raise FileNotFoundError(f"training config not found: {path}")
     if path.suffix == ".toml":
-        import tomllib
-
         values = tomllib.loads(path.read_text())
     elif path.suffix == ".json":
         values = json.loads(path.read_text())
@@ -347,7 +351,7 @@ class Trainer:
             self._restore(latest)
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.output_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            atomic_write(self.output_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
     def _latest_checkpoint(self) -> Optional[Path]:
         pointer = self.output_dir / LATEST
@@ -526,7 +530,7 @@ class Trainer:
             final = root / name
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _atomic_write_text(self.output_dir / LATEST, f"{CHECKPOINTS}/{name}\n")
+            atomic_write(self.output_dir / LATEST, f"{CHECKPOINTS}/{name}\n")
             self._prune(root, keep=final)
         self.ctx.barrier()
 
@@ -584,15 +588,6 @@ def _enable_gradient_checkpointing(module: torch.nn.Module, name: str) -> None:
     for owner in owners:
         method, keyword = able(owner)
         getattr(owner, method)(**{keyword: {"use_reentrant": False}})
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(folder: Path) -> None:
