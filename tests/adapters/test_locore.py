@@ -425,3 +425,14 @@ def test_training_loss_is_token_cross_entropy_over_gallery_tokens(small):
     assert reranker.module.language_model.classifier.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="labels must be 0/1"):
         reranker.training_loss([lists[0][0]], [lists[0][1:]], [np.array([2, 0, 0, 1])])
+
+
+def test_config_overrides_build_a_small_model_from_scratch():
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 attention_window=32, max_position_embeddings=1026, local_dim=16, global_dim=16)
+    reranker = create_reranker("locore-tiny", pretrained=False, num_locals=6, window=5, stride=5, config=small)
+    layers = reranker.module.state_dict()
+    assert reranker.config.hidden_size == 32 and reranker.config.attention_window == (32,)
+    assert sum(1 for k in layers if ".layer." in k and k.endswith("attention.self.query.weight")) == 1
+    with pytest.raises(ValueError, match=r"unknown LoCoRE config key\(s\) \['hidden'\]"):
+        create_reranker("locore-tiny", pretrained=False, config={"hidden": 3})
