@@ -119,17 +119,16 @@ class LocalReader:
         else:
             meta = self._file["metadata"][rows, :length] if rows else np.zeros((0, length, META), np.float32)
             local = self._file["descriptor"][rows, :length] if rows else np.zeros((0, length, self.dim), np.float16)
-        meta = np.asarray(meta, np.float32)[inverse]
-        return {
-            "local": np.asarray(local, np.float32)[inverse],
-            "mask": meta[..., 3] == 0,
-            "xy": meta[..., :2],
-            "scale": meta[..., 2],
-            "weight": meta[..., 4],
-        }
+        return official_columns(np.asarray(meta, np.float32)[inverse], np.asarray(local, np.float32)[inverse])
 
     def close(self) -> None:
         self._file.close()
+
+
+def official_columns(meta: np.ndarray, local: np.ndarray) -> dict[str, np.ndarray]:
+    """The ImageFeatures columns of official rows: ``meta`` [..., 5] = x, y, scale, mask (1 = padding),
+    detector weight; ``local`` [..., D]. The mask turns into True = valid here, once."""
+    return {"local": local, "mask": meta[..., 3] == 0, "xy": meta[..., :2], "scale": meta[..., 2], "weight": meta[..., 4]}
 
 
 def read_globals(path, num_images: int, dim: Optional[int] = None) -> np.memmap:

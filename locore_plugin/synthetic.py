@@ -178,13 +178,13 @@ def generate(seed: int = 0, size: str | SyntheticConfig = "small") -> SyntheticD
     return SyntheticData(cfg, seed, query_local, gallery_local, query_global, gallery_global, gnd, transitive)
 
 
-def _features(rows: np.ndarray, globals_: np.ndarray):
+def image_features(rows: np.ndarray, globals_: np.ndarray):
+    """ImageFeatures of official flat-layout rows [N, topk, 5 + D] and their globals."""
+    from .descriptors import META, official_columns
     from .features import ImageFeatures
 
-    return [
-        ImageFeatures(global_desc=g, local=r[:, 5:], mask=r[:, 3] == 0, xy=r[:, :2], scale=r[:, 2], weight=r[:, 4])
-        for r, g in zip(rows, globals_)
-    ]
+    columns = official_columns(rows[..., :META], rows[..., META:])
+    return [ImageFeatures(global_desc=g, **{k: v[i] for k, v in columns.items()}) for i, g in enumerate(globals_)]
 
 
 def write(root, seed: int = 0, size: str | SyntheticConfig = "small") -> Path:
@@ -205,8 +205,8 @@ def write(root, seed: int = 0, size: str | SyntheticConfig = "small") -> Path:
         return folder
     marker.unlink(missing_ok=True)
     data = generate(seed, cfg)
-    write_descriptors(folder, DESCRIPTOR, "query", _features(data.query_local, data.query_global), topk=cfg.topk)
-    write_descriptors(folder, DESCRIPTOR, "gallery", _features(data.gallery_local, data.gallery_global), topk=cfg.topk)
+    write_descriptors(folder, DESCRIPTOR, "query", image_features(data.query_local, data.query_global), topk=cfg.topk)
+    write_descriptors(folder, DESCRIPTOR, "gallery", image_features(data.gallery_local, data.gallery_global), topk=cfg.topk)
     sims, idx = build_shortlist(data.query_global, data.gallery_global, cfg.nn_depth, verbose=False)
     write_nn(folder / f"nn_{NN_NAME}.pkl", sims, idx)
     atomic_write(folder / f"gnd_{DATASET}.pkl", pickle.dumps(data.gnd, protocol=2))

@@ -226,7 +226,7 @@ def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str
     instances are not recorded in the ground truth, so they serve only as negatives. Train on
     seeds other than the held-out benchmark's: different seeds draw different instances.
     """
-    from .synthetic import _features as synthetic_features
+    from .synthetic import image_features
     from .synthetic import generate
 
     directory = Path(directory)
@@ -255,7 +255,7 @@ def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str
     local, globals_, labels = np.concatenate(local), np.concatenate(globals_), np.concatenate(labels)
     directory.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
-    write_descriptors(directory, SYNTHETIC_DESC, "train", synthetic_features(local, globals_), topk=local.shape[1])
+    write_descriptors(directory, SYNTHETIC_DESC, "train", image_features(local, globals_), topk=local.shape[1])
     sims, idx = build_shortlist(globals_, globals_, depth, verbose=False)
     write_nn(paths["nn"], sims, idx)
     lines = [f"synthetic/{i:06d}.jpg,{label},512,384" for i, label in enumerate(labels)]

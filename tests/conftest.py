@@ -23,7 +23,9 @@ def _absent(what: Path) -> str:
 
 
 def _skip_or_fail(reason: str):
-    if os.environ.get("CI"):
+    # Under CI the default ../shared must be there; a folder given by LOCORE_GOLDEN_DIR may hold
+    # only some methods, and the others skip.
+    if os.environ.get("CI") and not os.environ.get("LOCORE_GOLDEN_DIR"):
         pytest.fail(f"CI must run this test: {reason}")
     pytest.skip(reason)
 
