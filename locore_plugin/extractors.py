@@ -15,6 +15,7 @@ import abc
 import base64
 import binascii
 import hashlib
+import io
 import json
 import os
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .atomic import atomic_write
 from .features import ImageFeatures
 from .registry import RegistryEntry, collect, lookup
 
@@ -221,12 +223,10 @@ class FeatureCache:
         path = self._path(identity, key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f.name: getattr(features, f.name) for f in fields(features) if getattr(features, f.name) is not None}
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as handle:  # write then rename: a crash never leaves a truncated entry
-            np.savez(handle, **arrays)
-        os.replace(partial, path)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write(path, buffer.getvalue())  # a crash never leaves a truncated entry
 
     def _remember(self, key, features) -> None:
         if self.size == 0:
