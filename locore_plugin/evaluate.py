@@ -335,6 +335,10 @@ def run(config: EvalConfig, log=print) -> dict:
     for m in config.methods:
         if not is_reranker_name(m.name):
             _create(create_reranker, m, {})  # raises before any work, naming close matches
+        reason = untrained_reason(m.name, _weights_chosen(m))
+        if reason is not None:  # never report random weights as if they were a method's numbers
+            raise EvaluationError(f"{m.row}: {reason}; pass --checkpoint NAME=PATH (or --option "
+                                  "NAME.pretrained=false to measure random weights on purpose)")
     root = resolve_data_root(config.data_root)
     out = Path(config.out)
     cache = ResultCache(out / "cache")
@@ -637,6 +641,16 @@ def _run_eval(args) -> None:
     report = run(config)
     print(format_table(report))
     print(f"tables, per-query APs and plots in {Path(config.out).resolve()}")
+
+
+def _weights_chosen(spec: MethodSpec) -> list[str]:
+    """``NAME=`` for each stage whose weights the user chose: a checkpoint, or ``pretrained=False`` on purpose."""
+    chosen = []
+    for part in spec.name.split("+"):
+        options = {**spec.options, **spec.stage_options.get(part, {})}
+        if options.get("checkpoint") is not None or options.get("pretrained") is False:
+            chosen.append(f"{part}=")
+    return chosen
 
 
 def untrained_reason(name: str, checkpoints: Sequence[str] = ()) -> Optional[str]:

@@ -208,3 +208,13 @@ def test_plus_1m_appends_the_distractors_and_can_only_lower_the_global_map(data_
         a, b = base["results"]["global"]["synthetic"][p]["aps"], plus["results"]["global"]["synthetic+1m"][p]["aps"]
         assert all(y <= x + 1e-12 for x, y in zip(a, b) if x is not None)
     assert plus["results"]["global"]["synthetic+1m"]["medium"]["mAP"] < base["results"]["global"]["synthetic"]["medium"]["mAP"]
+
+
+def test_eval_refuses_learned_rerankers_without_chosen_weights(data_root, tmp_path):
+    for spec in (MethodSpec("locore-tiny"), MethodSpec("superglobal+locore-tiny", stage_options={"superglobal": {"K": 3}})):
+        with pytest.raises(evaluate.EvaluationError, match="locore-tiny is a learned re-ranker.*--checkpoint"):
+            evaluate.run(_config(data_root, tmp_path, methods=[spec]), log=lambda *a: None)
+    # a checkpoint, or random weights asked for on purpose, is the user's choice
+    chosen = MethodSpec("superglobal+locore-tiny", stage_options={"locore-tiny": {"pretrained": False}})
+    assert evaluate._weights_chosen(chosen) == ["locore-tiny="]
+    assert evaluate._weights_chosen(MethodSpec("locore-tiny", options={"checkpoint": "x"})) == ["locore-tiny="]
