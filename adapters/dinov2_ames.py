@@ -79,7 +79,11 @@ class Dinov2AmesExtractor(ImageExtractor):
         self.detector = SpatialAttention2d(config.hidden_size)
         load_strict(self.detector, read_state_dict(detector), source=str(detector))
         self.detector.eval().to(self.device)
-        self.model_name, self.detector_path = str(model), Path(detector)
+        self.model_name = str(model)
+        # What was loaded, fixed once: the cache key of every later call (no re-hashing per call).
+        self.detector_hash = hashlib.sha1(Path(detector).read_bytes()).hexdigest()
+        folder = Path(self.model_name)  # a local model folder: its files' sizes and times stand for its weights
+        self.model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()) if folder.is_dir() else []
         self.topk = self.max_locals = int(topk)
         self.imsize = None if imsize is None else int(imsize)
         self.batch_size = int(batch_size)
@@ -87,10 +91,7 @@ class Dinov2AmesExtractor(ImageExtractor):
 
     @property
     def settings(self) -> dict:
-        detector_hash = hashlib.sha1(self.detector_path.read_bytes()).hexdigest()
-        folder = Path(self.model_name)  # a local model folder: its files' sizes and times stand for its weights
-        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()) if folder.is_dir() else []
-        return {"model": self.model_name, "model_files": files, "detector": detector_hash, "topk": self.topk,
+        return {"model": self.model_name, "model_files": self.model_files, "detector": self.detector_hash, "topk": self.topk,
                 "imsize": self.imsize, "dtype": str(self.dtype)}
 
     def preprocess(self, crop: Crop) -> np.ndarray:
