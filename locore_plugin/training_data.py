@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from .atomic import atomic_write
 from .descriptors import DescriptorSet, build_shortlist, read_nn, write_descriptors, write_nn
 from .features import ImageFeatures
 
@@ -226,8 +227,7 @@ def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str
     instances are not recorded in the ground truth, so they serve only as negatives. Train on
     seeds other than the held-out benchmark's: different seeds draw different instances.
     """
-    from .synthetic import image_features
-    from .synthetic import generate
+    from .synthetic import generate, image_features
 
     directory = Path(directory)
     paths = {k: str(directory / v) for k, v in SYNTHETIC_FILES.items()}
@@ -259,7 +259,7 @@ def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str
     sims, idx = build_shortlist(globals_, globals_, depth, verbose=False)
     write_nn(paths["nn"], sims, idx)
     lines = [f"synthetic/{i:06d}.jpg,{label},512,384" for i, label in enumerate(labels)]
-    (directory / SYNTHETIC_FILES["image_list"]).write_text("\n".join(lines) + "\n")
-    marker.write_text(json.dumps(stamp))
+    atomic_write(paths["image_list"], "\n".join(lines) + "\n")
+    atomic_write(marker, json.dumps(stamp))  # last: a folder with it is complete
     return paths
 
