@@ -183,7 +183,8 @@ def test_the_disk_cache_survives_instances_and_tells_settings_apart(probe, tmp_p
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     create_extractor("probe", cache_dir=tmp_path, tag=1).extract(rgb, bbox=[1, 2, 30, 40])
     assert len(CALLS) == 2
-    assert len(list(tmp_path.glob("probe-*/*.npz"))) == 2 and not list(tmp_path.rglob("*.partial"))
+    assert len(list(tmp_path.glob("probe-*/*.npz"))) == 2
+    assert [p.suffix for p in tmp_path.rglob("*") if p.is_file()] == [".npz", ".npz"]  # no temporary file left
 
 
 # ---------------------------------------------------------------------------------------- descriptor files
