@@ -310,10 +310,8 @@ class LocoreReranker(TrainableReranker):
             overrides["use_global"] = bool(use_global)
         state, config = (None, None) if checkpoint is None else _read_checkpoint(checkpoint, variant)
         config = replace(config or LocoreConfig.variant(variant), **overrides)
-        if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"unknown attn_implementation {attn_implementation!r}; use one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
         self.config = config
-        self.module = LocoreModel(config, attn_implementation)
+        self.module = LocoreModel(config, attn_implementation)  # rejects an unknown attn_implementation
         if state is not None:
             load_strict(self.module, state, f"LoCoRE checkpoint {checkpoint}")
         config.check_context(self.window, self.num_locals)
