@@ -35,6 +35,7 @@ from torch.utils import flop_counter
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .attention import FAST, REFERENCE
 from .features import ImageFeatures
 from .registry import create_reranker, lookup, registered_rerankers
@@ -371,8 +372,7 @@ def add_parser(subparsers) -> None:
         records = run_bench(args.names, args.device, args.gallery, args.sliding, args.warmup, args.runs, args.attention)
         print(markdown(records))
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(records, indent=1))
+            atomic_write(args.json, json.dumps(records, indent=1))
         return 0
 
     parser.set_defaults(run=run)
