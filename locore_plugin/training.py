@@ -514,22 +514,19 @@ class Trainer:
         if self.ctx.is_main:
             name = f"step-{self.step:08d}"
             root = self.output_dir / CHECKPOINTS
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = root / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            self.reranker.save_pretrained(tmp / "model")
             state = {
                 "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "world_size": self.ctx.world_size, "global_batch": self.global_batch,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "best": self.best, "rng": states,
             }
-            torch.save(state, tmp / "trainer.pt")
-            _fsync_tree(tmp)
-            final = root / name
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+
+            def write(tmp: Path) -> None:
+                tmp.mkdir()
+                self.reranker.save_pretrained(tmp / "model")
+                torch.save(state, tmp / "trainer.pt")
+
+            final = _write_folder(root / name, write)
             atomic_write(self.output_dir / LATEST, f"{CHECKPOINTS}/{name}\n")
             self._prune(root, keep=final)
         self.ctx.barrier()
@@ -597,20 +594,34 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def _atomic_save_pretrained(reranker, folder: Path, extra: Optional[dict] = None) -> None:
-    """``save_pretrained`` into a temporary folder, then swap it in place of ``folder``."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    reranker.save_pretrained(tmp)
-    if extra is not None:
-        (tmp / "training.json").write_text(json.dumps(extra, indent=2))
+def _write_folder(folder: Path, write: Callable[[Path], None]) -> Path:
+    """The folder counterpart of :func:`~locore_plugin.atomic.atomic_write`: ``write(tmp)`` fills a
+    temporary sibling (which it creates), whose files are fsynced before it is swapped in place of
+    ``folder``. A directory cannot replace a non-empty one in a single rename, so the old one is
+    first moved aside: a kill between the two renames leaves ``folder`` absent (its previous
+    content in ``.{name}.old``), never half written; readers treat it as not yet written."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (folder.with_name(f".{folder.name}.{suffix}") for suffix in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)  # what a kill while writing left
+    write(tmp)
     _fsync_tree(tmp)
-    old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _atomic_save_pretrained(reranker, folder: Path, extra: Optional[dict] = None) -> None:
+    """``save_pretrained`` (plus ``training.json`` with ``extra``) swapped in place of ``folder``."""
+
+    def write(tmp: Path) -> None:
+        reranker.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "training.json").write_text(json.dumps(extra, indent=2))
+
+    _write_folder(folder, write)
 
 
 def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
