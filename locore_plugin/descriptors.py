@@ -238,11 +238,8 @@ class DescriptorSet(SequenceABC):
                 out = {k: np.empty((len(row), *v.shape[1:]), v.dtype) for k, v in block.items()}
             for k, v in block.items():
                 out[k][sel] = v
-        if out is None:
-            length = self._parts[0].local.topk if self.num_locals is None else min(self.num_locals, self._parts[0].local.topk)
-            return {"local": np.zeros((0, length, self.local_dim), np.float32), "mask": np.zeros((0, length), bool),
-                    "xy": np.zeros((0, length, 2), np.float32), "scale": np.zeros((0, length), np.float32),
-                    "weight": np.zeros((0, length), np.float32)}
+        if out is None:  # no image asked: the reader's own empty arrays
+            return self._parts[0].local.read([], self.num_locals)
         return out
 
     def features(self, indices) -> list[ImageFeatures]:
