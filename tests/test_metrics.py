@@ -57,12 +57,6 @@ def _close(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=TOL, equal_nan=True)
 
 
-def test_gnd_files_load(shared_data):
-    for name, ndb in (("roxford5k", 4993), ("rparis6k", 6322)):
-        data = read_pickle(shared_data("revisitop") / f"gnd_{name}.pkl")
-        assert len(data["imlist"]) == ndb and len(data["qimlist"]) == len(data["gnd"]) == 70
-
-
 def test_standard_matches_official(dataset):
     expected, gnd, ranks = dataset
     for ranking, protocols in expected["standard"].items():
