@@ -78,9 +78,18 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def _config(size: str | SyntheticConfig) -> SyntheticConfig:
+    """A named size (``SIZES``) or a config as it is."""
+    if isinstance(size, SyntheticConfig):
+        return size
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic size {size!r}; expected one of {sorted(SIZES)} or a SyntheticConfig")
+    return SIZES[size]
+
+
 def generate(seed: int = 0, size: str | SyntheticConfig = "small") -> SyntheticData:
     """Draw a dataset; the same ``seed`` and ``size`` give identical arrays."""
-    cfg = SIZES[size] if isinstance(size, str) else size
+    cfg = _config(size)
     if not 1 <= cfg.window <= cfg.parts or cfg.topk < 1:
         raise ValueError(f"a synthetic config needs 1 <= window <= parts and topk >= 1, got {cfg}")
     rng = np.random.default_rng(seed)
@@ -197,7 +206,7 @@ def write(root, seed: int = 0, size: str | SyntheticConfig = "small") -> Path:
     """
     from .descriptors import build_shortlist, write_descriptors, write_nn
 
-    cfg = SIZES[size] if isinstance(size, str) else size
+    cfg = _config(size)
     folder = Path(root) / DATASET
     marker = folder / f"{DATASET}.json"
     stamp = {"seed": int(seed), "config": asdict(cfg)}

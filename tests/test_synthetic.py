@@ -47,6 +47,8 @@ def test_same_seed_same_data_other_seed_other_data():
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert a.gnd == b.gnd
     assert not np.array_equal(a.gallery_global, c.gallery_global)
+    with pytest.raises(ValueError, match=r"unknown synthetic size 'huge'.*\['small', 'tiny'\]"):
+        synthetic.generate(0, "huge")
 
 
 def test_written_files_follow_the_official_layout(tmp_path):
