@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from locore_plugin.checkpoints import load_strict
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.pairwise import PairwiseReranker, architecture, save_directory
+from locore_plugin.checkpoints import load_strict, save_directory
+from locore_plugin.pairwise import PairwiseReranker, architecture
 
 # conf/model/ames.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768, CVNet: 1024).
 _OFFICIAL = dict(model_dim=128, nhead=2, num_encoder_layers=5, dim_feedforward=1024, activation="relu",

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import LongformerConfig, LongformerModel
 
 from locore_plugin.attention import FAST, IMPLEMENTATIONS
-from locore_plugin.checkpoints import load_strict, read_state_dict
+from locore_plugin.checkpoints import CONFIG_FILE, WEIGHTS_FILE, load_strict, read_state_dict, save_directory
 from locore_plugin.features import ImageFeatures, stack_globals, stack_locals
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import RerankResult, TrainableReranker
@@ -41,7 +41,6 @@ VARIANTS = {
 }
 MAX_POSITIONS = 5122
 REDUCTIONS = ("max-end", "max-sum", "max-start", "max-prod")
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 # Replacements for the self-attention of every layer, by name: factory(LongformerSelfAttention) -> module
 # with the same parameters (names and shapes) and call signature. "transformers" is the reference;
@@ -431,14 +430,8 @@ class LocoreReranker(TrainableReranker):
 
 
 def save_checkpoint(model: LocoreModel, directory, variant: str) -> None:
-    """Write a model so that ``create_reranker(variant, checkpoint=directory)`` loads it."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps({**model.config.to_json(), "variant": variant}, indent=1))
+    """Write a model (float32) so that ``create_reranker(variant, checkpoint=directory)`` loads it."""
+    save_directory(directory, model, {**model.config.to_json(), "variant": variant}, dtype=torch.float32)
 
 
 def _read_checkpoint(checkpoint, variant: str) -> tuple[dict[str, torch.Tensor], LocoreConfig]:

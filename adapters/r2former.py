@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locore_plugin.checkpoints import load_strict, read_state_dict
+from locore_plugin.checkpoints import load_strict, read_checkpoint, read_state_dict, save_directory
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.pairwise import PairwiseReranker, read_checkpoint, save_directory
+from locore_plugin.pairwise import PairwiseReranker
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from locore_plugin.checkpoints import load_strict
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.pairwise import PairwiseReranker, architecture, save_directory
+from locore_plugin.checkpoints import load_strict, save_directory
+from locore_plugin.pairwise import PairwiseReranker, architecture
 
 # RRT_GLD/models/ingredient.py, named config RRT (seq_len and dim_K only served the unused Linformer).
 CONFIGS = {

@@ -1,13 +1,15 @@
 """Reading the official checkpoints as they are, and loading them strictly."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
 
 PathLike = Union[str, Path]
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"  # what save_pretrained writes
 
 _multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
 # Pickles name these under numpy.core (numpy 1) or numpy._core (numpy 2): allow both spellings.
@@ -71,3 +73,26 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
                 parts.append(f"  {label} ({len(keys)}): {', '.join(keys)}")
         raise StateDictMismatchError("\n".join(parts))
     module.load_state_dict(state, strict=True)
+
+
+def save_directory(directory: PathLike, module: torch.nn.Module, config: dict, dtype: Optional[torch.dtype] = None) -> None:
+    """What ``save_pretrained`` writes: the state dict under its official key names as safetensors
+    (cast to ``dtype`` when given), beside ``config.json`` (the method's architecture config)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in module.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+
+
+def read_checkpoint(checkpoint: PathLike) -> tuple[Optional[dict], dict[str, torch.Tensor]]:
+    """(config, state dict) of an official checkpoint file (config None) or a ``save_pretrained`` folder."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is a folder without {CONFIG_FILE}; pass the weights file itself")
+        return json.loads((path / CONFIG_FILE).read_text()), read_state_dict(path / WEIGHTS_FILE)
+    return None, read_state_dict(path)

@@ -8,8 +8,6 @@ logits with the global similarity, ranks, and turns labelled lists into a pair-w
 from __future__ import annotations
 
 import abc
-import json
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -17,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import read_state_dict
+from .checkpoints import read_checkpoint
 from .features import ImageFeatures, stack_globals, stack_locals
 from .fusion import fuse_scores
 from .interface import RerankResult, TrainableReranker, ranked
@@ -198,32 +196,6 @@ class PairwiseReranker(TrainableReranker):
         if empty:
             return logits.float().sum() * 0.0
         return F.binary_cross_entropy_with_logits(logits.float(), torch.as_tensor(target, device=logits.device))
-
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
-
-def save_directory(directory, module: torch.nn.Module, config: dict) -> None:
-    """What ``save_pretrained`` writes: the state dict under its official key names as safetensors,
-    beside ``config.json`` (the method's architecture config)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-
-
-def read_checkpoint(checkpoint) -> tuple[Optional[dict], dict[str, torch.Tensor]]:
-    """(config, state dict) of an official checkpoint file (config None) or a ``save_pretrained`` folder."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is a folder without {CONFIG_FILE}; pass the weights file itself")
-        return json.loads((path / CONFIG_FILE).read_text()), read_state_dict(path / WEIGHTS_FILE)
-    return None, read_state_dict(path)
 
 
 def architecture(

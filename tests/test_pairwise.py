@@ -188,7 +188,7 @@ def test_top_k_reranks_the_head_and_keeps_the_tail(data):
 
 
 def test_save_directory_round_trip(tmp_path):
-    from locore_plugin.pairwise import read_checkpoint, save_directory
+    from locore_plugin.checkpoints import read_checkpoint, save_directory
 
     module = MeanDot()
     save_directory(tmp_path / "m", module, {"hidden": 3})
