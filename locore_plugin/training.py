@@ -596,7 +596,7 @@ def _fsync_tree(folder: Path) -> None:
 
 def _write_folder(folder: Path, write: Callable[[Path], None]) -> Path:
     """The folder counterpart of :func:`~locore_plugin.atomic.atomic_write`: ``write(tmp)`` fills a
-    temporary sibling (which it creates), whose files are fsynced before it is swapped in place of
+    temporary sibling (``write`` creates it), whose files are fsynced before it is swapped in place of
     ``folder``. A directory cannot replace a non-empty one in a single rename, so the old one is
     first moved aside: a kill between the two renames leaves ``folder`` absent (its previous
     content in ``.{name}.old``), never half written; readers treat it as not yet written."""
