@@ -1,7 +1,7 @@
 """Shared test fixtures: where the golden fixtures and real data live.
 
-``../shared`` sits beside the project root (``LOCORE_GOLDEN_DIR`` points the golden tests at
-another folder of the same layout). Where it is absent the tests that need it skip with the
+``../shared`` sits beside the project root (``LOCORE_SHARED_DIR`` points the suite at another
+folder, ``LOCORE_GOLDEN_DIR`` only the golden tests at another folder of the golden layout). Where it is absent the tests that need it skip with the
 reason, except under CI (``CI`` set), where its absence is a failure: those tests must run there.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# LOCORE_SHARED_DIR points the whole suite elsewhere (an empty folder plays a user's fresh clone).
+SHARED = Path(os.environ.get("LOCORE_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 def golden_root() -> Path:
@@ -23,9 +24,9 @@ def _absent(what: Path) -> str:
 
 
 def _skip_or_fail(reason: str):
-    # Under CI the default ../shared must be there; a folder given by LOCORE_GOLDEN_DIR may hold
-    # only some methods, and the others skip.
-    if os.environ.get("CI") and not os.environ.get("LOCORE_GOLDEN_DIR"):
+    # Under CI the default ../shared must be there; a folder given by LOCORE_GOLDEN_DIR or
+    # LOCORE_SHARED_DIR may hold only some methods (or nothing), and the others skip.
+    if os.environ.get("CI") and not (os.environ.get("LOCORE_GOLDEN_DIR") or os.environ.get("LOCORE_SHARED_DIR")):
         pytest.fail(f"CI must run this test: {reason}")
     pytest.skip(reason)
 
@@ -41,9 +42,10 @@ def pytest_generate_tests(metafunc):
     folder = golden_root() / marker.args[0]
     cases = sorted(p.parent for p in folder.glob("*/config.json")) if folder.is_dir() else []
     if cases:
-        metafunc.parametrize("golden_case", cases, ids=[c.name for c in cases])
+        metafunc.parametrize("golden_case", cases, ids=[c.name for c in cases], indirect=True)
     else:
-        metafunc.parametrize("golden_case", [None], ids=["absent"])
+        # indirect: the ``golden_case`` fixture below sees the None and skips (or fails under CI)
+        metafunc.parametrize("golden_case", [None], ids=["absent"], indirect=True)
 
 
 @pytest.fixture
