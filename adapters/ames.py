@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.checkpoints import load_strict, save_directory
-from locore_plugin.pairwise import PairwiseReranker, architecture
+from locore_plugin.checkpoints import count_blocks, load_strict, save_directory
+from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads
 
 # conf/model/ames.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768, CVNet: 1024).
 _OFFICIAL = dict(model_dim=128, nhead=2, num_encoder_layers=5, dim_feedforward=1024, activation="relu",
@@ -50,6 +50,28 @@ DESCRIPTIONS = {
     "ames-768": "AMES* (LoCoRE supplementary): AMES with 768 hidden size on DINOv2 local descriptors",
 }
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+# Our config keys are the official constructor's own names; ``data_root`` only locates the ITQ
+# file that initialises the binarisation layer, whose trained matrix every checkpoint holds.
+IGNORED_OFFICIAL = ("data_root",)
+
+
+def sizes_from_state(state: dict) -> dict:
+    """The sizes an official AMES state dict determines (all but ``nhead`` and ``activation``), as
+    far as its keys go: a file of another layout fails at the strict load, which names them."""
+    sizes = {
+        "num_encoder_layers": count_blocks(state, "decoder.layers."),
+        "normalize_before": "decoder.norm.weight" in state,
+        "binarized": "remap_local.0.W" in state,
+    }
+    if "mtc_token" in state:
+        sizes["model_dim"] = state["mtc_token"].shape[0]
+    if sizes["binarized"]:
+        sizes["local_dim"] = state["remap_local.0.W"].shape[0]  # W: (local_dim, bits)
+    elif "remap_local.0.weight" in state:
+        sizes["local_dim"] = state["remap_local.0.weight"].shape[1]
+    if "decoder.layers.0.linear1.weight" in state:
+        sizes["dim_feedforward"] = state["decoder.layers.0.linear1.weight"].shape[0]
+    return sizes
 
 
 class BinarizationLayer(nn.Module):
@@ -209,11 +231,23 @@ def build_ames(
 ) -> AMESReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
-    ``config`` overrides architecture keys of the named config; ``fusion`` is (lambda, gamma),
-    ``"default"`` for the official value of this descriptor type, or None for the logit alone."""
-    settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "pavelsuma/ames")
+    A bare official file sizes the model from its tensors (depth, widths, local dimension,
+    pre-norm, binarisation); ``nhead`` and ``activation``, which no tensor shows, come from
+    ``config`` or the named variant. ``config`` overrides architecture keys under the official
+    ``AMES(...)`` keyword names; ``fusion`` is (lambda, gamma), ``"default"`` for the official
+    value of this descriptor type, or None for the logit alone."""
+    settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "pavelsuma/ames",
+                                   sizes_from_state=sizes_from_state, ignored=IGNORED_OFFICIAL)
     if settings["activation"] not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {settings['activation']!r}")
+    if settings["binarized"] != CONFIGS[name]["binarized"]:
+        kind = "an ITQ-binarised" if settings["binarized"] else "a full-precision"
+        raise ValueError(
+            f"{name}: the checkpoint or config is {kind} AMES, but {name} is the "
+            f"{'binarised' if CONFIGS[name]['binarized'] else 'full-precision'} variant (its fusion constants "
+            f"differ); use {'/'.join(n for n, c in CONFIGS.items() if c['binarized'] == settings['binarized'])}"
+        )
+    check_heads(name, settings["model_dim"], settings["nhead"], "model_dim", "nhead")
     module = AMES(settings)
     if state is not None:
         load_strict(module, state, source=str(checkpoint))

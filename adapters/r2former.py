@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locore_plugin.checkpoints import load_strict, read_checkpoint, read_state_dict, save_directory
+from locore_plugin.checkpoints import count_blocks, load_strict, read_checkpoint, read_state_dict, save_directory
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.pairwise import PairwiseReranker
+from locore_plugin.pairwise import PairwiseReranker, architecture
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,10 @@ class R2FormerConfig:
 
     def __post_init__(self):
         if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+            raise ValueError(
+                f"hidden ({self.hidden}) must be divisible by heads ({self.heads}); the number of heads cannot be read "
+                "from a checkpoint's tensors: pass config={'heads': ...}"
+            )
         if self.hidden % 4:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by 4 (2-D sin-cos embedding)")
         for name in ("hidden", "depth", "pair_depth", "heads", "local_dim", "num_corr", "num_patches"):
@@ -357,18 +360,47 @@ class R2FormerReranker(PairwiseReranker):
         save_directory(directory, self.module, {"method": self.name or "r2former", "model": self.module.config.to_dict()})
 
 
-def build_module(name: str, checkpoint=None, config: Optional[dict] = None) -> R2Former:
-    """The model of a registered variant: its config, the checkpoint's saved config, then ``config``
-    overrides; a bare official file sizes the unused ``decoder_pos_embed`` from the file."""
-    settings = CONFIGS[name].to_dict()
-    state = None
-    if checkpoint is not None:
-        saved, state = read_r2former_checkpoint(checkpoint)
-        if saved is not None:
-            settings.update(saved["model"])
-        elif "decoder_pos_embed" in state:
-            settings["num_patches"] = state["decoder_pos_embed"].shape[1] - 1
-    settings.update(config or {})
+# The official ``R2Former(...)`` keywords that differ from ours; ``pair_depth`` has none (the
+# official pair transformer has 2 blocks) and ``local_dim`` neither (only our input check uses it).
+OFFICIAL_NAMES = {
+    "decoder_embed_dim": "hidden", "decoder_depth": "depth", "decoder_num_heads": "heads",
+    "decoder_mlp_ratio": "mlp_ratio", "input_dim": "global_dim",
+}
+FIXED_OFFICIAL = {
+    "num_classes": (lambda v: v == 2, "2 (the two-class head whose softmax[:, 1] is the score)"),
+    "decoder_norm_layer": (lambda v: _is_official_norm(v), "LayerNorm with eps=1e-6, as GeoLocalizationNetRerank builds it"),
+}
+IGNORED_OFFICIAL = ("img_size", "embed_dim")  # recorded by the official module, size nothing
+
+
+def _is_official_norm(value) -> bool:
+    """``partial(nn.LayerNorm, eps=1e-6)``, given as that object or as the text a config file records."""
+    if isinstance(value, functools.partial):
+        return value.func is nn.LayerNorm and value.keywords == {"eps": 1e-6} and not value.args
+    return isinstance(value, str) and value.replace(" ", "") in ("partial(nn.LayerNorm,eps=1e-6)", "partial(nn.LayerNorm,eps=1e-06)")
+
+
+def sizes_from_state(state: dict) -> dict:
+    """The sizes an official R2Former state dict determines (all but ``heads``, ``num_corr`` and the
+    input dimensions, which no tensor shows), as far as its keys go."""
+    sizes = {"depth": count_blocks(state, "blocks."), "pair_depth": count_blocks(state, "blocks_2.")}
+    if "cls_token" in state:
+        sizes["hidden"] = state["cls_token"].shape[-1]
+        if "blocks.0.mlp.fc1.weight" in state:
+            sizes["mlp_ratio"] = state["blocks.0.mlp.fc1.weight"].shape[0] / sizes["hidden"]
+    if "decoder_pos_embed" in state:
+        sizes["num_patches"] = state["decoder_pos_embed"].shape[1] - 1
+    return sizes
+
+
+def build_module(name: str, checkpoint=None, config: Optional[dict] = None, pretrained: bool = False) -> R2Former:
+    """The model of a registered variant: its config, then the checkpoint's saved config or the
+    sizes its tensors determine, then ``config`` overrides (ours or the official keyword names)."""
+    settings, state = architecture(
+        name, CONFIGS[name].to_dict(), checkpoint, pretrained, config, "bytedance/R2Former",
+        sizes_from_state=sizes_from_state, official_names=OFFICIAL_NAMES, fixed=FIXED_OFFICIAL,
+        ignored=IGNORED_OFFICIAL, read=read_r2former_checkpoint,
+    )
     module = R2Former(R2FormerConfig.from_dict(settings))
     if state is not None:
         load_strict(module, state, source=str(checkpoint))
@@ -392,17 +424,15 @@ def build_r2former(
 ) -> R2FormerReranker:
     """``checkpoint``: an official file (bare, ``Reranker.``-nested or a whole-model state dict;
     ``.pth`` or ``.safetensors``) or a ``save_pretrained`` folder; ``pretrained=False`` starts
-    from the official random init. ``config`` overrides architecture fields. ``fusion``: None
+    from the official random init. A bare file sizes the model from its tensors (width, both
+    depths, MLP ratio, position table); ``heads``, ``num_corr`` and the input dimensions come
+    from ``config`` or the named variant. ``config`` overrides architecture fields, under our
+    names or the official ``R2Former(...)`` keywords. ``fusion``: None
     (rank by softmax[:, 1], as the official evaluation), ``"official"`` (the official
     ``final_score``) or (weight, temperature). ``top_k``: re-rank only the first k (officially 100).
     ``negatives_per_query``: hard negatives per positive in training (official 10)."""
-    if checkpoint is None and pretrained:
-        raise ValueError(
-            f"{name} needs checkpoint= (the official weights are published by bytedance/R2Former); "
-            "pass pretrained=False for a randomly initialised model"
-        )
     return R2FormerReranker(
-        build_module(name, checkpoint, config),
+        build_module(name, checkpoint, config, pretrained),
         query_length=query_length,
         gallery_length=gallery_length,
         fusion=fusion,

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.checkpoints import load_strict, save_directory
-from locore_plugin.pairwise import PairwiseReranker, architecture
+from locore_plugin.checkpoints import count_blocks, load_strict, save_directory
+from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads
 
 # RRT_GLD/models/ingredient.py, named config RRT (seq_len and dim_K only served the unused Linformer).
 CONFIGS = {
@@ -31,6 +31,10 @@ CONFIGS = {
     "rrt-768": dict(d_global=768, d_model=768, nhead=12, num_encoder_layers=6, dim_feedforward=3072, dropout=0.0,
                     activation="relu", normalize_before=False),
 }
+# Our config keys are MatchERT's own names; the sacred ingredient's two other spellings are
+# accepted too, and the Linformer sizes, which the released (full-attention) model never uses.
+OFFICIAL_NAMES = {"num_global_features": "d_global", "num_local_features": "d_model"}
+IGNORED_OFFICIAL = ("seq_len", "d_K", "dim_K", "name")
 DEFAULT_SCALE_COLUMN = {"rrt": "value", "rrt-768": "index"}  # DELG files vs AMES-format DINOv2 files
 DESCRIPTIONS = {
     "rrt": "RRT (ICCV 2021) reranking transformer on DELG global + local descriptors",
@@ -50,6 +54,17 @@ SCALE_COLUMNS = ("value", "index")
 # RRT_GLD/utils/data/utils.py TripletSampler: anchors need >= 5 positives among their 100 neighbours.
 CANDIDATES = 100
 MIN_POSITIVES = 5
+
+
+def sizes_from_state(state: dict) -> dict:
+    """The sizes an official MatchERT state dict determines (all but ``nhead``, ``activation`` and
+    ``dropout``), as far as its keys go: a file of another layout fails at the strict load, which names them."""
+    sizes = {"num_encoder_layers": count_blocks(state, "encoder.layers."), "normalize_before": "encoder.norm.weight" in state}
+    if "remap.weight" in state:
+        sizes["d_model"], sizes["d_global"] = state["remap.weight"].shape
+    if "encoder.layers.0.linear1.weight" in state:
+        sizes["dim_feedforward"] = state["encoder.layers.0.linear1.weight"].shape[0]
+    return sizes
 
 
 def scale_index(scales: torch.Tensor) -> torch.Tensor:
@@ -225,13 +240,19 @@ def build_rrt(
 ) -> RRTReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
-    ``config`` overrides architecture keys of the named config. ``fusion=(weight, temperature)``
+    A bare official file sizes the model from its tensors (depth, widths, global dimension,
+    pre-norm); ``nhead``, ``activation`` and ``dropout``, which no tensor shows, come from
+    ``config`` or the named variant. ``config`` overrides architecture keys under the official
+    ``MatchERT(...)`` (or ingredient) keyword names. ``fusion=(weight, temperature)``
     ranks by the ensemble with the global similarity; None (the official behaviour) by the logit.
     ``scale_column``: "value" (DELG scales, the default of ``rrt``) or "index" (a pyramid-level
     index as in the AMES-format files, the default of ``rrt-768``)."""
-    settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "uvavision/RerankingTransformer")
+    settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "uvavision/RerankingTransformer",
+                                   sizes_from_state=sizes_from_state, official_names=OFFICIAL_NAMES,
+                                   ignored=IGNORED_OFFICIAL)
     if settings["activation"] not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {settings['activation']!r}")
+    check_heads(name, settings["d_model"], settings["nhead"], "d_model", "nhead")
     module = MatchERT(settings)
     if state is not None:
         load_strict(module, state, source=str(checkpoint))

@@ -75,6 +75,16 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
     module.load_state_dict(state, strict=True)
 
 
+def count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many numbered blocks ``{prefix}{i}.`` the state dict holds (``prefix`` ends with a dot):
+    the depth of a stack of layers, read from the key indices."""
+    heads = (k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix))
+    indices = {int(h) for h in heads if h.isdigit()}
+    if indices and indices != set(range(len(indices))):
+        raise StateDictMismatchError(f"the blocks {prefix}* of the checkpoint are not numbered 0..n-1: {sorted(indices)}")
+    return len(indices)
+
+
 def save_directory(directory: PathLike, module: torch.nn.Module, config: dict, dtype: Optional[torch.dtype] = None) -> None:
     """What ``save_pretrained`` writes: the state dict under its official key names as safetensors
     (cast to ``dtype`` when given), beside ``config.json`` (the method's architecture config)."""

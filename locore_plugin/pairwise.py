@@ -8,7 +8,7 @@ logits with the global similarity, ranks, and turns labelled lists into a pair-w
 from __future__ import annotations
 
 import abc
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -199,10 +199,32 @@ class PairwiseReranker(TrainableReranker):
 
 
 def architecture(
-    name: str, defaults: dict, checkpoint, pretrained: bool, overrides: Optional[dict], published_by: str
+    name: str,
+    defaults: dict,
+    checkpoint,
+    pretrained: bool,
+    overrides: Optional[dict],
+    published_by: str,
+    *,
+    sizes_from_state: Callable[[dict], dict],
+    official_names: Optional[dict[str, str]] = None,
+    fixed: Optional[dict[str, tuple[Callable[[Any], bool], str]]] = None,
+    ignored: tuple[str, ...] = (),
+    read: Callable = read_checkpoint,
 ) -> tuple[dict, Optional[dict]]:
-    """The settings of a named config, updated by a saved folder's config and then by
-    ``overrides`` (an unknown key is an error), and the checkpoint's tensors (None without one).
+    """The architecture settings of a pair-wise method and its checkpoint's tensors (None without one).
+
+    Settings are taken, later winning: the named variant's ``defaults``; then, with a checkpoint,
+    its saved ``config.json`` or, for a bare official file, every size the tensors determine
+    (``sizes_from_state(state)``: depths from key indices, widths from shapes); then
+    ``overrides``. What shapes cannot tell (the number of heads) therefore comes from
+    ``overrides``, a saved config or the variant. A checkpoint that contradicts an explicit
+    override fails at the strict load, which names the keys.
+
+    ``overrides`` may use the official constructor's keyword names: ``official_names`` maps
+    those that differ from ours, ``fixed`` names official keywords this implementation supports
+    with one value only (a predicate and the value in words), ``ignored`` those that size nothing
+    here (e.g. RRT's Linformer ``seq_len``). Any other key is an error that lists the accepted ones.
 
     Without a checkpoint, ``pretrained=True`` is an error: a learned method with random weights
     must be asked for explicitly (``pretrained=False``)."""
@@ -213,14 +235,40 @@ def architecture(
         )
     settings, state = dict(defaults), None
     if checkpoint is not None:
-        saved, state = read_checkpoint(checkpoint)
-        if saved is not None:
-            settings.update(saved["model"])
-    unknown = set(overrides or {}) - set(settings)
-    if unknown:
-        raise ValueError(f"unknown {name} config key(s) {sorted(unknown)}; known: {sorted(settings)}")
-    settings.update(overrides or {})
+        saved, state = read(checkpoint)
+        settings.update(saved["model"] if saved is not None else sizes_from_state(state))
+    settings.update(_our_names(name, overrides or {}, set(settings), official_names or {}, fixed or {}, ignored))
     return settings, state
+
+
+def _our_names(name, overrides, ours, official_names, fixed, ignored) -> dict:
+    """``overrides`` in our key names (official names translated, fixed and ignored ones checked and dropped)."""
+    unknown = [k for k in overrides if k not in fixed and k not in ignored and official_names.get(k, k) not in ours]
+    if unknown:
+        accepted = sorted(ours | set(official_names) | set(fixed) | set(ignored))
+        raise ValueError(f"unknown {name} config key(s) {unknown}; accepted: {accepted}")
+    translated = {}
+    for key, value in overrides.items():
+        if key in fixed:
+            supported, words = fixed[key]
+            if not supported(value):
+                raise ValueError(f"{name}: {key}={value!r} is not supported; this implementation has {key} = {words}")
+        elif key not in ignored:
+            target = official_names.get(key, key)
+            if target in translated:
+                raise ValueError(f"{name}: config gives {target!r} twice (under its own and its official name)")
+            translated[target] = value
+    return translated
+
+
+def check_heads(name: str, width: int, heads: int, width_key: str, heads_key: str) -> None:
+    """Attention widths must split into heads; the number of heads is the one size a checkpoint
+    cannot tell, so the error says where it comes from."""
+    if heads < 1 or width % heads:
+        raise ValueError(
+            f"{name}: {width_key}={width} is not divisible by {heads_key}={heads} (the number of heads cannot be "
+            f"read from a checkpoint's tensors: pass config={{{heads_key!r}: ...}})"
+        )
 
 
 def _check_dim(expected: Optional[int], got: int, what: str) -> None:

@@ -33,9 +33,13 @@ def load_case(case, tmp_path):
     )
 
 
-def ames(checkpoint, config, name="ames-dinov2", **kw):
+def ames(checkpoint, config, architecture=None, **kw):
+    """The case's model: built from its own official constructor arguments (``architecture``
+    overrides them; ``{}`` leaves every size to the checkpoint's tensors)."""
+    official = config["constructor_kwargs"] if architecture is None else architecture
+    binarized = config["constructor_kwargs"]["binarized"]
     kw = {"query_length": config["query_sequence_len"], "gallery_length": config["sequence_len"], "fusion": None, **kw}
-    return create_reranker(name, checkpoint=checkpoint, **kw)
+    return create_reranker("ames-dinov2-binary" if binarized else "ames-dinov2", checkpoint=checkpoint, config=official, **kw)
 
 
 def all_pairs(reranker, queries, gallery):
@@ -70,9 +74,25 @@ def test_binarized_logits_match_official(golden_case, tmp_path):
     delta = load(lzma.decompress((folder / "weights_delta.safetensors.xz").read_bytes()))
     keys = [k["key"] for k in json.loads((folder / "keys.json").read_text())]
     save_file({k: delta[k] if k in delta else full[k] for k in keys}, str(tmp_path / "binary.safetensors"))
-    reranker = ames(tmp_path / "binary.safetensors", config, name="ames-dinov2-binary")
+    binary = {**config, **json.loads((folder / "config.json").read_text())}
     expected = np.load(folder / "outputs.npz")["raw_eval"]
-    np.testing.assert_allclose(all_pairs(reranker, queries, gallery), expected, atol=2e-4, rtol=0)
+    official = binary["constructor_kwargs"]
+    for architecture in (official, {"nhead": official["nhead"], "activation": official["activation"]}):
+        reranker = ames(tmp_path / "binary.safetensors", binary, architecture)
+        assert {k: reranker.module.config[k] for k in official} == official
+        np.testing.assert_allclose(all_pairs(reranker, queries, gallery), expected, atol=2e-4, rtol=0)
+
+
+@pytest.mark.golden("ames")
+def test_sizes_come_from_the_checkpoint(golden_case, tmp_path):
+    """A bare official file and nothing but the number of heads and the activation (which no
+    tensor shows): every other size is read from the tensors, and the logits are the official ones."""
+    queries, gallery, _, outputs, config = load_case(golden_case, tmp_path)
+    official = config["constructor_kwargs"]
+    reranker = ames(unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt"), config,
+                    {"nhead": official["nhead"], "activation": official["activation"]})
+    assert {k: reranker.module.config[k] for k in official} == official
+    np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["raw_eval"], atol=5e-4, rtol=0)
 
 
 def push_down(inds, sims, junk):
@@ -194,12 +214,20 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
 
 @pytest.mark.golden("ames")
-def test_checkpoint_of_another_variant_names_the_keys(golden_case, tmp_path):
+def test_a_config_that_contradicts_the_checkpoint_names_the_keys(golden_case, tmp_path):
+    _, _, _, _, config = load_case(golden_case, tmp_path)
+    official = config["constructor_kwargs"]
+    if official["binarized"]:
+        pytest.skip("the case is binarised")
     checkpoint = unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt")
-    with pytest.raises(StateDictMismatchError, match=r"remap_local\.0\.weight: checkpoint \(128, 768\) vs model \(128, 1024\)"):
-        create_reranker("ames-cvnet", checkpoint=checkpoint)
+    dim, local = official["model_dim"], official["local_dim"]
+    wider = {**official, "local_dim": local + 8}
+    with pytest.raises(StateDictMismatchError, match=rf"remap_local\.0\.weight: checkpoint \({dim}, {local}\) vs model \({dim}, {local + 8}\)"):
+        create_reranker("ames-dinov2", checkpoint=checkpoint, config=wider)
     with pytest.raises(StateDictMismatchError, match=r"missing keys \(3\): remap_local\.0\.W, remap_local\.2\.bias"):
-        create_reranker("ames-dinov2-binary", checkpoint=checkpoint)
+        create_reranker("ames-dinov2-binary", checkpoint=checkpoint, config={**official, "binarized": True})
+    with pytest.raises(ValueError, match="full-precision AMES.*use ames-dinov2"):
+        create_reranker("ames-dinov2-binary", checkpoint=checkpoint)  # the variant's name disagrees with the file
 
 
 @pytest.mark.golden("ames")

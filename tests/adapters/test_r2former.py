@@ -17,19 +17,9 @@ TINY = {"hidden": 16, "depth": 2, "pair_depth": 1, "heads": 2, "local_dim": 8, "
 
 
 def case_config(case) -> dict:
-    """Our config fields from the case's official constructor arguments."""
+    """The case's own official constructor arguments, and the local dimension (an input of ours only)."""
     meta = json.loads((case / "config.json").read_text())
-    kw = meta["constructor_kwargs"]
-    return {
-        "hidden": kw["decoder_embed_dim"],
-        "depth": kw["decoder_depth"],
-        "heads": kw["decoder_num_heads"],
-        "mlp_ratio": kw["decoder_mlp_ratio"],
-        "global_dim": kw["input_dim"],
-        "num_corr": kw["num_corr"],
-        "num_patches": kw["num_patches"],
-        "local_dim": meta["local_dim"],
-    }
+    return {**meta["constructor_kwargs"], "local_dim": meta["local_dim"]}
 
 
 def golden_module(case, dtype=torch.float32) -> R2Former:
@@ -159,10 +149,20 @@ def test_nested_dataparallel_and_bare_checkpoints_load_the_same(golden_case, tmp
 
 
 @pytest.mark.golden("r2former")
-def test_bare_official_file_sizes_the_unused_position_table_from_the_file(golden_case):
-    """Without a config, the only size that depends on num_local comes from the file."""
-    module = build_module("r2former", golden_case / "weights.safetensors")
-    assert module.config.num_patches == case_config(golden_case)["num_patches"]
+def test_sizes_come_from_the_checkpoint(golden_case):
+    """A bare official file and nothing but what no tensor shows (heads, correspondences, input
+    dimensions): width, depths, MLP ratio and position table come from the tensors."""
+    official = case_config(golden_case)
+    unseen = {k: official[k] for k in ("decoder_num_heads", "num_corr", "input_dim", "local_dim")}
+    module = build_module("r2former", golden_case / "weights.safetensors", unseen).eval()
+    expected = golden_module(golden_case).config
+    assert module.config == expected
+    assert (expected.hidden, expected.depth, expected.num_patches) == (
+        official["decoder_embed_dim"], official["decoder_depth"], official["num_patches"])
+    for inputs, outputs in inputs_and_outputs(golden_case):
+        with torch.no_grad():
+            logits = module(side(inputs["x_rerank"]), side(inputs["y_rerank"])).numpy()
+        np.testing.assert_allclose(logits, outputs["logits"], atol=1e-5, rtol=0)
 
 
 # -- checkpoints and configs ---------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_registered_variants_and_config_as_data():
     rng = np.random.default_rng(0)
     result = wide.rerank(random_image(rng, 6, dim=768), [random_image(rng, 6, dim=768) for _ in range(2)])
     assert np.isfinite(result.scores).all() and ((result.scores > 0) & (result.scores < 1)).all()
-    with pytest.raises(ValueError, match="unknown R2Former config"):
+    with pytest.raises(ValueError, match=r"unknown r2former config key\(s\) \['width'\]; accepted: .*decoder_embed_dim"):
         create_reranker("r2former", pretrained=False, config={"width": 3})
     with pytest.raises(ValueError, match="divisible"):
         create_reranker("r2former", pretrained=False, config={"hidden": 30})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from locore_plugin import ImageFeatures, create_reranker
+from locore_plugin.adapters.rrt import CONFIGS
 from locore_plugin.features import stack_locals
 
 
@@ -32,9 +33,12 @@ def load_case(case):
     return images(inputs, "query"), images(inputs, "gallery"), inputs, np.load(case / "outputs.npz"), config
 
 
-def rrt(checkpoint, config, name="rrt", **kw):
+def rrt(checkpoint, config, architecture=None, **kw):
+    """The case's model: built from its own official constructor arguments (``architecture``
+    overrides them; a dict without sizes leaves them to the checkpoint's tensors)."""
     length = config["max_sequence_len"]
-    return create_reranker(name, checkpoint=checkpoint, query_length=length, gallery_length=length, **kw)
+    official = config["constructor_kwargs"] if architecture is None else architecture
+    return create_reranker("rrt", checkpoint=checkpoint, config=official, query_length=length, gallery_length=length, **kw)
 
 
 def all_pairs(reranker, queries, gallery):
@@ -51,6 +55,24 @@ def test_logits_match_official(golden_case, container, tmp_path):
     qi, gi = outputs["debug_pair"]
     single = rrt(tmp_path / f"w{suffix}", config, batch_size=1).rerank(queries[qi], [gallery[gi]]).scores
     np.testing.assert_allclose(single, outputs["debug_logit"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.golden("rrt")
+def test_sizes_come_from_the_checkpoint(golden_case, tmp_path):
+    """A bare official file and nothing but what no tensor shows (heads, activation, dropout):
+    depth and widths are read from the tensors, and the logits are the official ones."""
+    queries, gallery, _, outputs, config = load_case(golden_case)
+    official = config["constructor_kwargs"]
+    unseen = {k: official[k] for k in ("nhead", "activation", "dropout")}
+    reranker = rrt(unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt"), config, unseen)
+    sized = {k: official[k] for k in ("d_global", "d_model", "num_encoder_layers", "dim_feedforward", "normalize_before")}
+    assert {k: reranker.module.config[k] for k in sized} == sized
+    np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["logits"], atol=1e-4, rtol=0)
+    # the sacred ingredient's names are accepted too
+    ingredient = config.get("ingredient_config")
+    if ingredient:
+        again = rrt(tmp_path / "w.pt", config, ingredient)
+        assert again.module.config == reranker.module.config
 
 
 @pytest.mark.golden("rrt")
@@ -209,7 +231,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         create_reranker("rrt", pretrained=False, lamb=0.5)
     torch.save({"state": {"remap.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pt")
     with pytest.raises(RuntimeError, match=r"(?s)missing keys .*classifier\.bias.*shape mismatches \(1\): remap\.weight"):
-        create_reranker("rrt", checkpoint=tmp_path / "bad.pt")
+        create_reranker("rrt", checkpoint=tmp_path / "bad.pt", config=CONFIGS["rrt"])
 
 
 @pytest.mark.golden("rrt")
