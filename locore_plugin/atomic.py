@@ -20,3 +20,17 @@ def atomic_write(path: Union[str, Path], payload: Union[bytes, str]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def set_aside(path: Union[str, Path], error: BaseException) -> Path:
+    """Move an unreadable cache entry out of the way (``NAME.corrupt``, never deleted) and say so
+    on stderr, naming the file and why, so the caller can treat it as missing and recompute.
+    A truncated file (a full disk, a killed copy) then costs a recomputation, not the run."""
+    import sys
+
+    path = Path(path)
+    aside = path.with_name(path.name + ".corrupt")
+    os.replace(path, aside)
+    print(f"locore-plugin: {path} is unreadable ({type(error).__name__}: {error}); set aside as {aside.name}, "
+          "recomputing it", file=sys.stderr)
+    return aside

@@ -34,9 +34,13 @@ def read_state_dict(path: PathLike, strip_prefixes: Iterable[str] = ()) -> dict[
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
     else:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
             state = torch.load(path, map_location="cpu", weights_only=True)

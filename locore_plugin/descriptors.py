@@ -29,7 +29,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import atomic_write, set_aside
 from .features import ImageFeatures, stack_locals
 from .pickles import OFFICIAL_DATA, read_pickle
 
@@ -374,10 +374,14 @@ class RevisitedData:
         depth = 1600 if depth is None else int(depth)
         cache = Path(cache_dir or self.nn_dir) / f"nn_{self.desc}_exact.pkl"
         if cache.is_file() and cache.stat().st_mtime >= self._globals_mtime():
-            sims, idx = read_nn(cache)
-            if sims.shape[0] == len(self.queries) and sims.shape[1] >= min(depth, len(self.gallery)):
-                self._check_shortlist(idx, str(cache))
-                return sims[:, :depth], idx[:, :depth]
+            try:
+                sims, idx = read_nn(cache)
+            except (pickle.UnpicklingError, ValueError) as error:  # truncated: rebuild it
+                set_aside(cache, error)
+            else:
+                if sims.shape[0] == len(self.queries) and sims.shape[1] >= min(depth, len(self.gallery)):
+                    self._check_shortlist(idx, str(cache))
+                    return sims[:, :depth], idx[:, :depth]
         queries = self.queries.globals(np.arange(len(self.queries)))
         sims, idx = build_shortlist(queries, self.gallery, depth, batch_size, verbose)
         write_nn(cache, sims, idx)

@@ -205,6 +205,10 @@ def test_shortlist_cache_and_official_nn(tmp_path, monkeypatch):
     with pytest.raises(AssertionError):  # descriptors newer than the cache: rebuilt
         data.shortlist(depth=3)
     monkeypatch.undo()
+    cache.write_bytes(cache.read_bytes()[:40])  # truncated (and newer than the descriptors): set aside and rebuilt
+    os.utime(cache, (later + 10, later + 10))
+    np.testing.assert_array_equal(data.shortlist(depth=4, verbose=False)[1], idx)
+    assert cache.with_name(cache.name + ".corrupt").is_file()
     write_nn(tmp_path / "toyset+1m" / "nn_sg.pkl", sims[:, ::-1], idx[:, ::-1])
     np.testing.assert_array_equal(data.shortlist(nn="sg")[1], idx[:, ::-1])
     with pytest.raises(FileNotFoundError, match=r"nn_other\.pkl.*revisitop"):

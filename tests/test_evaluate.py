@@ -115,6 +115,16 @@ def test_an_interrupted_run_resumes_and_a_finished_one_reprints_without_work(dat
     assert computed == [] and again == first
 
 
+def test_a_truncated_cache_entry_is_set_aside_and_recomputed(data_root, tmp_path, capsys):
+    first = evaluate.run(_config(data_root, tmp_path), log=lambda *a: None)
+    entry = sorted((tmp_path / "cache").rglob("superglobal-*.json"))[0]
+    entry.write_text(entry.read_text()[:8])  # a full disk, a killed copy
+    again = evaluate.run(_config(data_root, tmp_path), log=lambda *a: None)
+    assert again == first
+    assert str(entry) in capsys.readouterr().err
+    assert entry.with_name(entry.name + ".corrupt").is_file() and json.loads(entry.read_text())["scores"]
+
+
 def test_a_changed_setting_is_computed_again(data_root, tmp_path):
     evaluate.run(_config(data_root, tmp_path), log=lambda *a: None)
     entries = len(list((tmp_path / "cache").rglob("*.json")))

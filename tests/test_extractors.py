@@ -187,6 +187,18 @@ def test_the_disk_cache_survives_instances_and_tells_settings_apart(probe, tmp_p
     assert [p.suffix for p in tmp_path.rglob("*") if p.is_file()] == [".npz", ".npz"]  # no temporary file left
 
 
+def test_an_unreadable_disk_cache_entry_is_set_aside_and_recomputed(probe, tmp_path, capsys):
+    rgb = picture()
+    first = create_extractor("probe", cache_dir=tmp_path).extract(rgb)
+    (entry,) = tmp_path.glob("probe-*/*.npz")
+    entry.write_bytes(entry.read_bytes()[:100])
+    again = create_extractor("probe", cache_dir=tmp_path).extract(rgb)
+    assert len(CALLS) == 2  # recomputed
+    np.testing.assert_array_equal(first.local, again.local)
+    assert str(entry) in capsys.readouterr().err and entry.with_name(entry.name + ".corrupt").is_file()
+    assert create_extractor("probe", cache_dir=tmp_path).extract(rgb) is not None and len(CALLS) == 2
+
+
 # ---------------------------------------------------------------------------------------- descriptor files
 
 
