@@ -96,3 +96,6 @@ def read_pickle(path):
             return _RestrictedUnpickler(handle).load()
         except pickle.UnpicklingError as error:
             raise pickle.UnpicklingError(f"{path}: {error}") from None
+        except (TypeError, ValueError, EOFError, AttributeError, IndexError, KeyError) as error:
+            # a crafted or truncated file fails inside an allowed constructor: still a refusal that names the file
+            raise pickle.UnpicklingError(f"{path}: not a valid pickle of the allowed kinds ({type(error).__name__}: {error})") from None

@@ -97,6 +97,18 @@ def test_torch_blob_with_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("payload", [
+    b"\x80\x02))R.",  # REDUCE on a tuple: "'tuple' object is not callable" inside the unpickler
+    b"\x80\x02]q\x00(K\x01K\x02",  # truncated: no STOP
+    b"\x80\x02cnumpy.core.multiarray\nscalar\nq\x00cnumpy\ndtype\nX\x02\x00\x00\x00O8\x85R)R.",
+])
+def test_every_refusal_is_an_unpickling_error_that_names_the_file(tmp_path, payload):
+    path = tmp_path / "nn_crafted.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(pickle.UnpicklingError, match="nn_crafted.pkl"):
+        read_pickle(path)
+
+
 def test_missing_file_names_file_and_source(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"gnd_roxford5k\.pkl.*cmp\.felk\.cvut\.cz/revisitop"):
         read_pickle(tmp_path / "gnd_roxford5k.pkl")
