@@ -31,8 +31,9 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import atomic_write, set_aside
 from .metrics import compute_map
+from .options import SYNTAX, parse_assignment
 from .protocols import JUNK_MODES, Protocol, check_junk_mode, get_protocol, parse_protocols, prepare_ranking
 
 GLOBAL_ROW = "global"
@@ -309,8 +310,12 @@ class ResultCache:
         path = self.path(key)
         if not path.is_file():
             return None
-        entry = json.loads(path.read_text())
-        return entry["scores"] if entry.get("key") == _jsonable(key) else None
+        try:
+            entry = json.loads(path.read_text())
+            return entry["scores"] if entry.get("key") == _jsonable(key) else None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # truncated or foreign JSON
+            set_aside(path, error)
+            return None
 
     def put(self, key: dict, scores: dict) -> None:
         atomic_write(self.path(key), json.dumps({"key": key, "scores": scores}))
@@ -540,30 +545,25 @@ def read_recipe(path) -> dict:
     return recipe
 
 
-def _literal(text: str):
-    """``--option`` values: TOML literals (numbers, booleans, quoted strings, arrays), else the raw string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def apply_options(methods: list, options: Sequence[str]) -> None:
     """``NAME.KEY=VALUE``: KEY=VALUE for the row or registered name NAME, or for the stage NAME of
     every chain that contains it (``--option locore-base.checkpoint=/ckpt`` reaches
     ``superglobal+locore-base``). ``--checkpoint NAME=PATH`` is ``NAME.checkpoint=PATH``."""
     for text in options:
-        target, sep, value = text.partition("=")
+        try:
+            target, value = parse_assignment(text, "--option")
+        except ValueError as error:
+            raise EvaluationError(f"{error} (with NAME. before KEY)") from None
         name, dot, key = target.rpartition(".")
-        if not (sep and dot and name and key):
-            raise EvaluationError(f"--option expects NAME.KEY=VALUE, got {text!r}")
+        if not (dot and name and key):
+            raise EvaluationError(f"--option expects NAME.KEY=VALUE, got {text!r}; VALUE: {SYNTAX}")
         hits = 0
         for m in methods:
             if name in (m.row, m.name):
-                m.options[key] = _literal(value)
+                m.options[key] = value
                 hits += 1
             elif name in m.name.split("+"):
-                m.stage_options.setdefault(name, {})[key] = _literal(value)
+                m.stage_options.setdefault(name, {})[key] = value
                 hits += 1
         if not hits:
             raise EvaluationError(f"--option {text!r}: no method or chain stage is named {name!r}")
@@ -579,7 +579,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="registered name or chain a+b (repeatable; replaces the recipe's methods); the global-only "
                              "row is always included")
     parser.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
-                        help="a factory option of one method or chain stage (repeatable)")
+                        help="a factory option of one method or chain stage (repeatable); VALUE: a TOML or "
+                        "Python literal (None, True, 0.5, [0.0, 1.0], (0.55, 0.3)) or plain text")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                         help="shorthand for --option NAME.checkpoint=PATH")
     parser.add_argument("--data-root", help="dataset root (default: $LOCORE_DATA)")

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, set_aside
+from .options import parse_assignment
 from .features import ImageFeatures
 from .registry import RegistryEntry, collect, lookup
 
@@ -213,8 +215,12 @@ class FeatureCache:
         path = self._path(identity, key)
         if path is None or not path.is_file():
             return None
-        with np.load(path) as stored:
-            features = ImageFeatures(**{name: stored[name] for name in stored.files})
+        try:
+            with np.load(path) as stored:
+                features = ImageFeatures(**{name: stored[name] for name in stored.files})
+        except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as error:
+            set_aside(path, error)
+            return None
         self._remember(key, features)
         return features
 
@@ -429,7 +435,7 @@ def add_extract_command(subparsers) -> None:
     parser.add_argument("--gnd", type=Path, help="gnd_<dataset>.pkl: extract its query and gallery images")
     parser.add_argument("--desc", help="descriptor name in the file names (default: the extractor name)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="extractor option, VALUE read as JSON when it parses (repeatable), e.g. topk=100")
+                        help="extractor option (repeatable), e.g. topk=100; VALUE: a TOML or Python literal, or plain text")
     parser.add_argument("--cache-dir", type=Path, help="per-image cache for resuming (default: OUT/.extract-cache)")
     parser.add_argument("--keep-cache", action="store_true", help="keep the per-image cache after success")
     parser.add_argument("--overwrite", action="store_true", help="re-write splits whose files exist")
@@ -469,10 +475,7 @@ def add_extract_command(subparsers) -> None:
 
 
 def _option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--option expects KEY=VALUE, got {text!r}")
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+        return parse_assignment(text, "--option")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None

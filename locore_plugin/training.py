@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -48,8 +49,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import atomic_write, set_aside
 from .interface import TrainableReranker
+from .options import parse_assignment
 from .registry import create_reranker
 from .runtime import resolve_dtype
 
@@ -136,8 +138,8 @@ class TrainConfig:
 def load_config(path, overrides: tuple[str, ...] = ()) -> TrainConfig:
     """Read a recipe (``.toml`` or ``.json``) and apply ``key=value`` overrides.
 
-    An override's key may be dotted (``data.topk=50``); its value is parsed as JSON when it can be
-    (numbers, booleans, null, lists) and kept as a string otherwise.
+    An override's key may be dotted (``data.topk=50``); its value follows the options grammar of
+    :mod:`locore_plugin.options` (TOML or Python literals, else the text).
     """
     path = Path(path)
     if not path.is_file():
@@ -149,13 +151,7 @@ def load_config(path, overrides: tuple[str, ...] = ()) -> TrainConfig:
     else:
         raise ValueError(f"training config must be .toml or .json, got {path}")
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"an override must look like key=value, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+        key, value = parse_assignment(item, "an override")
         *parents, leaf = key.split(".")
         table = values
         for parent in parents:
@@ -314,7 +310,7 @@ class Trainer:
             raise ValueError(f"{len(self.dataset)} training lists do not fill one global batch of {self.global_batch}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
 
-        latest = self._latest_checkpoint()
+        latest, trainer_state = self._latest_checkpoint()
         _seed_everything(cfg.seed)  # identical initial weights on every rank
         options = dict(cfg.reranker_options, device=str(self.device))
         if latest is not None:
@@ -348,22 +344,32 @@ class Trainer:
         # every rank draws its own stream (dropout, pair sampling), reproducibly
         _seed_everything(cfg.seed * 1000 + ctx.rank, reranker)
         if latest is not None:
-            self._restore(latest)
+            self._restore(latest, trainer_state)
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.output_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
-    def _latest_checkpoint(self) -> Optional[Path]:
+    def _latest_checkpoint(self) -> tuple[Optional[Path], Optional[dict]]:
+        """The checkpoint to resume from and its trainer state: the one ``latest`` names, else
+        (that pointer or its folder unreadable, which is then set aside and said) the newest
+        readable ``step-*``; (None, None) to start afresh."""
         pointer = self.output_dir / LATEST
         if not pointer.is_file():
-            return None
-        folder = self.output_dir / pointer.read_text().strip()
-        if not (folder / "trainer.pt").is_file():
-            raise FileNotFoundError(f"{pointer} names {folder}, which holds no trainer.pt")
-        return folder
+            return None, None
+        unreadable = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError)
+        try:
+            folder = self.output_dir / pointer.read_text().strip()
+            return folder, _read_checkpoint_folder(folder)
+        except unreadable as error:
+            set_aside(pointer, error)
+        for folder in reversed(_step_folders(self.output_dir / CHECKPOINTS)):
+            try:
+                return folder, _read_checkpoint_folder(folder)
+            except unreadable as error:
+                set_aside(folder, error)
+        return None, None
 
-    def _restore(self, folder: Path) -> None:
-        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+    def _restore(self, folder: Path, state: dict) -> None:
         if state["world_size"] != self.ctx.world_size or state["global_batch"] != self.global_batch:
             raise ValueError(
                 f"{folder} was written by {state['world_size']} process(es) with global batch {state['global_batch']}; "
@@ -532,7 +538,7 @@ class Trainer:
         self.ctx.barrier()
 
     def _prune(self, root: Path, keep: Path) -> None:
-        done = sorted(p for p in root.glob("step-*") if p.is_dir())
+        done = _step_folders(root)
         for old in done[: max(len(done) - self.config.keep_checkpoints, 0)]:
             if old != keep:
                 shutil.rmtree(old)
@@ -543,6 +549,19 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def _step_folders(root: Path) -> list[Path]:
+    """The step checkpoints under ``root``, oldest first (not the ``.corrupt`` ones set aside)."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and p.name[len("step-"):].isdigit())
+
+
+def _read_checkpoint_folder(folder: Path) -> dict:
+    """The trainer state of a step checkpoint (its model folder is the method's own layout, read
+    by its factory); raises when the state is missing or unreadable."""
+    if not (folder / "trainer.pt").is_file():
+        raise FileNotFoundError(f"{folder} holds no trainer.pt")
+    return torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
 
 
 def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
@@ -680,7 +699,8 @@ def train(config: TrainConfig, dataset=None, validate: Optional[Callable] = None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a training recipe (.toml or .json), e.g. recipes/train_cpu_smoke.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key (dotted for tables: data.topk=50); repeatable")
+                        help="override a recipe key (dotted for tables: data.topk=50; VALUE: a TOML or Python "
+                        "literal, or plain text); repeatable")
     parser.add_argument("--output-dir", help="where checkpoints and logs go (overrides the recipe)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (with a checkpoint)")
 

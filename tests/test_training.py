@@ -255,6 +255,25 @@ def test_bad_configurations_fail_clearly(tmp_path):
         TrainConfig.from_dict({"reranker": "x", "output_dir": "y", "data": {}, "learning_rate": 1})
 
 
+def test_an_unreadable_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, capsys):
+    lists = make_lists()
+    train(config(tmp_path, "full", save_every=2), lists)
+    train(config(tmp_path, "broken", save_every=2, max_steps=4), lists)
+    newest = tmp_path / "broken" / "checkpoints" / "step-00000004"
+    (newest / "trainer.pt").write_bytes((newest / "trainer.pt").read_bytes()[:50])
+    train(config(tmp_path, "broken", save_every=2), lists)
+    err = capsys.readouterr().err
+    assert "broken/latest" in err and "step-00000004" in err
+    assert (tmp_path / "broken" / "checkpoints" / "step-00000004.corrupt").is_dir()
+    resumes = [json.loads(l) for l in (tmp_path / "broken" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumes if r["event"] == "resume"] == [2]
+    assert_same(weights(tmp_path / "full" / "final"), weights(tmp_path / "broken" / "final"))
+    (tmp_path / "broken" / "latest").write_bytes(b"\xff\xfe garbage")  # a pointer to nowhere: the newest readable one
+    train(config(tmp_path, "broken", save_every=2), lists)
+    assert "broken/latest is unreadable" in capsys.readouterr().err
+    assert_same(weights(tmp_path / "full" / "final"), weights(tmp_path / "broken" / "final"))
+
+
 def test_resume_refuses_another_world_size_or_batch(tmp_path):
     lists = make_lists()
     train(config(tmp_path, max_steps=2), lists)
@@ -268,8 +287,9 @@ def test_recipe_files_and_overrides(tmp_path):
     cfg = load_config(recipe, ("data.topk=50", "lr=1e-5", "output_dir=elsewhere", "max_steps=3"))
     assert (cfg.data, cfg.lr, cfg.output_dir, cfg.max_steps) == ({"topk": 50}, 1e-5, "elsewhere", 3)
     assert (cfg.weight_decay, cfg.schedule, cfg.epochs) == (0.0, "constant", 3)
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
         load_config(recipe, ("lr",))
+    assert load_config(recipe, ("checkpoint=None",)).checkpoint is None
 
 
 # -- LoCoRE, through the command line and torchrun ---------------------------------------------
