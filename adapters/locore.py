@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from locore_plugin.progress import progress
 from transformers import LongformerConfig, LongformerModel
 
 from locore_plugin.attention import FAST, IMPLEMENTATIONS
@@ -383,7 +383,7 @@ class LocoreReranker(TrainableReranker):
         scores = [np.zeros(len(s), np.float32) if g is None else g for g, s in zip(global_scores, shortlists)]
         results = []
         chunks = range(0, len(queries), self.batch_size)
-        for start in tqdm(chunks, desc="LoCoRE", unit="chunk", disable=not self.verbose or len(chunks) < 2):
+        for start in progress(chunks, desc="LoCoRE", unit="chunk", disable=not self.verbose or len(chunks) < 2):
             members = range(start, min(start + self.batch_size, len(queries)))
             prepared = [self._prepare(queries[i], shortlists[i][: self.shortlist], i) for i in members]
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils import flop_counter
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .atomic import atomic_write
 from .attention import FAST, REFERENCE
@@ -210,7 +210,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 def time_runs(fns: Sequence[Callable[[], object]], device, warmup: int, runs: int, desc: str = "") -> list[list[float]]:
     """Milliseconds of each of ``fns`` over ``runs`` runs after ``warmup``; several fns alternate run by run."""
     times: list[list[float]] = [[] for _ in fns]
-    for i in tqdm(range(warmup + runs), desc=desc, leave=False, disable=not desc):
+    for i in progress(range(warmup + runs), desc=desc, leave=False, disable=not desc):
         for fn, acc in zip(fns, times):
             _sync(device)
             start = time.perf_counter()
@@ -326,7 +326,7 @@ def run_bench(names: Optional[Sequence[str]] = None, device="cpu", gallery: int 
     for name in names:
         lookup(entries, name, "re-ranker")
     records = []
-    for name in tqdm(names, desc="bench", unit="re-ranker"):
+    for name in progress(names, desc="bench", unit="re-ranker"):
         records += [asdict(r) for r in bench_reranker(name, device, gallery, sliding, warmup, runs, seed)]
     if attention:
         for name in [n for n in names if has_attention_choice(n)]:

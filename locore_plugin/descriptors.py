@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .atomic import atomic_write, set_aside
 from .features import ImageFeatures, stack_locals
@@ -319,7 +319,7 @@ def build_shortlist(queries, gallery: "DescriptorSet | np.ndarray", depth: int, 
     k = min(int(depth), total)
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
-    with tqdm(total=total, desc="global shortlist", unit="img", disable=not verbose) as bar:
+    with progress(total=total, desc="global shortlist", unit="img", disable=not verbose) as bar:
         for start, block in batches:
             block = np.ascontiguousarray(block, dtype=np.float32)
             if block.shape[1] != queries.shape[1]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .atomic import atomic_write, set_aside
 from .metrics import compute_map
@@ -141,7 +141,7 @@ def global_similarities(query_global, gallery_global) -> np.ndarray:
         gallery_global = np.asarray(gallery_global, np.float32)
         n, batches = len(gallery_global), [(0, gallery_global)]
     sims = np.empty((len(q), n), np.float32)
-    with tqdm(total=n, desc="global similarities", unit="img", leave=False, disable=n < 100_000) as bar:
+    with progress(total=n, desc="global similarities", unit="img", leave=False, disable=n < 100_000) as bar:
         for start, block in batches:
             if block.shape[1] != q.shape[1]:
                 raise EvaluationError(f"gallery global dimension {block.shape[1]} != query global dimension {q.shape[1]}")
@@ -207,7 +207,7 @@ def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, ba
     """
     out = ranking.copy()
     nq = len(queries)
-    with tqdm(total=nq, desc=desc or "re-ranking", unit="query", leave=False) as bar:
+    with progress(total=nq, desc=desc or "re-ranking", unit="query", leave=False) as bar:
         for start in range(0, nq, batch_size):
             batch = range(start, min(start + batch_size, nq))
             depth = [min(top_k, int(kept[q])) for q in batch]
@@ -378,7 +378,7 @@ def run(config: EvalConfig, log=print) -> dict:
         log(f"{dataset}: loading (rows to compute: {', '.join(m.row for m in todo)})")
         data = load_dataset(root, dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache")
         evaluation = DatasetEvaluation(data, config.protocols, config.junk, config.metric)
-        for m in tqdm(todo, desc=dataset, unit="method"):
+        for m in progress(todo, desc=dataset, unit="method"):
             if m.name == GLOBAL_ROW:
                 scores = evaluation.run(None)
             else:
@@ -727,13 +727,12 @@ def demo(out="locore-demo", size: str = "small", seed: int = 0, rerankers: Optio
     out = Path(out)
     synthetic.write(out / "data", seed, size)
     names = list(rerankers) if rerankers else [e.name for e in list_rerankers()]
-    chosen = []
+    chosen, untrained = [], []
     for name in names:
-        reason = untrained_reason(name, checkpoints)
-        if reason is None:
-            chosen.append(name)
-        else:
-            log(f"left out {name}: {reason} (random weights would be meaningless; --checkpoint NAME=PATH adds one)")
+        (chosen if untrained_reason(name, checkpoints) is None else untrained).append(name)
+    if untrained:
+        log(f"left out {len(untrained)} learned re-ranker(s) without trained weights ({', '.join(untrained)}): random "
+            "weights would say nothing; --checkpoint NAME=PATH adds one")
     methods = [MethodSpec(name) for name in chosen]
     apply_options(methods, [_checkpoint_option(c) for c in checkpoints if c.partition("=")[0] in
                             {p for m in methods for p in m.name.split("+")}])

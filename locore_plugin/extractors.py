@@ -341,9 +341,9 @@ def _to_full_frame(features: ImageFeatures, x0, y0, x1, y1, width, height) -> Im
 
 
 def _progress(total: int, verbose: int, description: str):
-    from tqdm.auto import tqdm
+    from .progress import progress
 
-    return tqdm(total=total, desc=description, disable=not verbose or total == 0, unit="image")
+    return progress(total=total, desc=description, disable=not verbose or total == 0, unit="image")
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def extract_split(extractor: ImageExtractor, images: Sequence, directory, desc: 
     Images go through the extractor's cache in chunks, so with an on-disk cache an interrupted run
     resumes where it stopped; the files appear only once complete.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress
 
     from .descriptors import DescriptorWriter
 
@@ -371,7 +371,7 @@ def extract_split(extractor: ImageExtractor, images: Sequence, directory, desc: 
     if bboxes is not None and len(bboxes) != len(images):
         raise ValueError(f"{len(images)} images but {len(bboxes)} bounding boxes")
     chunks = range(0, len(images), chunk_size)
-    bar = tqdm(total=len(images), desc=f"{desc} {split}", unit="image", disable=not verbose)
+    bar = progress(total=len(images), desc=f"{desc} {split}", unit="image", disable=not verbose)
 
     def chunk(start):
         features = extractor.extract_many(images[start : start + chunk_size],

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .atomic import atomic_write, set_aside
 from .interface import TrainableReranker
@@ -397,7 +397,7 @@ class Trainer:
         self._setup()
         cfg = self.config
         stop = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
-        bar = tqdm(total=stop, initial=min(self.step, stop), desc=f"train {cfg.reranker}", unit="step",
+        bar = progress(total=stop, initial=min(self.step, stop), desc=f"train {cfg.reranker}", unit="step",
                    disable=not (cfg.progress and self.ctx.is_main))
         record: dict = {"event": "done", "step": self.step, "epoch": self.epoch}  # when nothing is left to do
         saved_at = self.step

@@ -183,7 +183,8 @@ def test_demo_runs_training_free_rerankers_and_leaves_out_untrained_ones(tmp_pat
                            log=lines.append)
     assert list(report["results"]) == ["global", "superglobal"]
     left = [line for line in lines if line.startswith("left out")]
-    assert len(left) == 2 and all("locore-tiny" in line and "checkpoint" in line for line in left)
+    assert left == ["left out 2 learned re-ranker(s) without trained weights (locore-tiny, superglobal+locore-tiny): "
+                    "random weights would say nothing; --checkpoint NAME=PATH adds one"]
     assert (tmp_path / "results" / "results.md").is_file() and (tmp_path / "data" / "synthetic" / "synthetic.json").is_file()
 
 
