@@ -227,6 +227,7 @@ def build_ames(
     device="cpu",
     dtype="float32",
     batch_size: int = 128,
+    variable_locals: Optional[int] = None,
     verbose: int = 0,
 ) -> AMESReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
@@ -260,6 +261,7 @@ def build_ames(
         device=device,
         dtype=dtype,
         batch_size=batch_size,
+        variable_locals=variable_locals,
         verbose=verbose,
     )
 

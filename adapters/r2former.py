@@ -420,6 +420,7 @@ def build_r2former(
     device="cpu",
     dtype="float32",
     batch_size: int = 100,
+    variable_locals: Optional[int] = None,
     verbose: int = 0,
 ) -> R2FormerReranker:
     """``checkpoint``: an official file (bare, ``Reranker.``-nested or a whole-model state dict;
@@ -441,6 +442,7 @@ def build_r2former(
         device=device,
         dtype=dtype,
         batch_size=batch_size,
+        variable_locals=variable_locals,
         verbose=verbose,
     )
 

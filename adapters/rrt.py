@@ -236,6 +236,7 @@ def build_rrt(
     device="cpu",
     dtype="float32",
     batch_size: int = 64,
+    variable_locals: Optional[int] = None,
     verbose: int = 0,
 ) -> RRTReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
@@ -266,6 +267,7 @@ def build_rrt(
         device=device,
         dtype=dtype,
         batch_size=batch_size,
+        variable_locals=variable_locals,
         verbose=verbose,
     )
 

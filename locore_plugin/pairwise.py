@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .checkpoints import read_checkpoint
 from .features import ImageFeatures, stack_globals, stack_locals
@@ -32,7 +32,9 @@ class PairwiseReranker(TrainableReranker):
     ``weight * global + (1 - weight) * sigmoid(temperature * logit)``; None ranks by the logit.
     ``top_k`` re-ranks only the first ``top_k`` items of each shortlist (the official evaluations
     re-rank the top 100 or 400); the rest keep their order and their incoming global score (0
-    without one), after the re-ranked ones.
+    without one), after the re-ranked ones. ``variable_locals=m`` trains each batch on a number of
+    query locals drawn from [m, query_length) and of gallery locals from [m, gallery_length), the
+    strongest kept (AMES's "universal" training, official m = 10), so that one model serves any count.
     """
 
     columns: tuple[str, ...] = ()
@@ -51,6 +53,7 @@ class PairwiseReranker(TrainableReranker):
         device="cpu",
         dtype="float32",
         batch_size: int = 256,
+        variable_locals: Optional[int] = None,
         verbose: int = 0,
     ):
         if query_length < 1 or gallery_length < 1:
@@ -59,6 +62,11 @@ class PairwiseReranker(TrainableReranker):
             raise ValueError(f"top_k must be None or >= 1, got {top_k}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if variable_locals is not None and not 1 <= variable_locals < min(query_length, gallery_length):
+            raise ValueError(
+                f"variable_locals must lie in [1, min(query_length, gallery_length)) = [1, "
+                f"{min(query_length, gallery_length)}), got {variable_locals}"
+            )
         if fusion is not None:
             if len(fusion) != 2:
                 raise ValueError(f"fusion must be None or (weight, temperature), got {fusion!r}")
@@ -69,6 +77,7 @@ class PairwiseReranker(TrainableReranker):
         self.fusion = fusion
         self.top_k = None if top_k is None else int(top_k)
         self.batch_size = int(batch_size)
+        self.variable_locals = variable_locals
         self.verbose = verbose
         # Pair sampling for training draws from this generator; a trainer that resumes exactly
         # saves and restores ``rng.bit_generator.state``.
@@ -105,15 +114,18 @@ class PairwiseReranker(TrainableReranker):
         return out
 
     def pair_inputs(
-        self, queries: Sequence[ImageFeatures], rows: np.ndarray, gallery: Sequence[ImageFeatures]
+        self, queries: Sequence[ImageFeatures], rows: np.ndarray, gallery: Sequence[ImageFeatures],
+        lengths: Optional[tuple[int, int]] = None,
     ) -> tuple[dict, dict]:
         """Inputs for the pairs (queries[rows[p]], gallery[p]): each query is encoded once and
-        its row gathered for every pair it belongs to."""
+        its row gathered for every pair it belongs to. ``lengths``: (query, gallery) locals kept,
+        ``(query_length, gallery_length)`` by default."""
+        query_length, gallery_length = lengths or (self.query_length, self.gallery_length)
         unique, inverse = np.unique(rows, return_inverse=True)
-        encoded = self.encode([queries[i] for i in unique], self.query_length, "query")
+        encoded = self.encode([queries[i] for i in unique], query_length, "query")
         index = torch.as_tensor(inverse.reshape(-1), device=self.device)
         query = {k: v.index_select(0, index) for k, v in encoded.items()}
-        return query, self.encode(gallery, self.gallery_length, "gallery")
+        return query, self.encode(gallery, gallery_length, "gallery")
 
     # -- inference ------------------------------------------------------------------------------
 
@@ -158,7 +170,7 @@ class PairwiseReranker(TrainableReranker):
         self.module.eval()
         try:
             with torch.inference_mode():
-                for start in tqdm(starts, desc=self.method, unit="batch", disable=not self.verbose):
+                for start in progress(starts, desc=self.method, unit="batch", disable=not self.verbose):
                     stop = start + self.batch_size
                     query, item = self.pair_inputs(queries, rows[start:stop], gallery[start:stop])
                     out[start:stop] = self.pair_logits(self.module, query, item).float().cpu().numpy()
@@ -191,7 +203,12 @@ class PairwiseReranker(TrainableReranker):
             # No usable pair (e.g. no RRT anchor): a zero loss that still runs one pair through the
             # model, so that data-parallel ranks stay in step.
             list_index, item_index, target = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32)
-        query, item = self.pair_inputs(queries, list_index, [shortlists[l][i] for l, i in zip(list_index, item_index)])
+        lengths = None
+        if self.variable_locals is not None:
+            lengths = (int(self.rng.integers(self.variable_locals, self.query_length)),
+                       int(self.rng.integers(self.variable_locals, self.gallery_length)))
+        items = [shortlists[l][i] for l, i in zip(list_index, item_index)]
+        query, item = self.pair_inputs(queries, list_index, items, lengths)
         logits = self.pair_logits(module if module is not None else self.module, query, item)
         if empty:
             return logits.float().sum() * 0.0

@@ -12,6 +12,14 @@ shuffled per list, as the official collator does, but from a generator seeded by
 
 One extension of the official list: a negative landmark id marks a distractor, an image that
 only ever appears as a negative in other images' lists and is never a query itself.
+
+``pairs="triplet"`` feeds the pair-wise methods as the AMES authors train them (the
+``TripletSampler`` of pavelsuma/ELViS ``elvis/utils/dataset_loader.py``): each list becomes the
+anchor with one positive and one negative of its first ``topk`` neighbours (their official
+``num_candidates``), each drawn with probability proportional to the global similarity to the power
+``triplet_power`` (3 officially; 0 draws uniformly, as RRT's sampler does) among those with a
+positive similarity. Only the two drawn images are read, so a list of 300 candidates costs two
+reads. The draw comes from the list's (seed, epoch, index) generator, so a resumed run sees the same pairs.
 """
 from __future__ import annotations
 
@@ -69,8 +77,11 @@ class TrainingLists(Dataset):
     ``neighbours`` (N, >= topk) holds each image's global neighbours, best first (the image
     itself is skipped wherever it appears); ``labels`` (N,) the landmark ids (negative = a
     distractor, never a query). ``min_positives`` keeps only queries with at least that many
-    same-landmark images in their list (RRT's sampler takes anchors with >= 5); ``num_samples``
-    then keeps the first queries (the official ``num_training_samples``).
+    same-landmark images in their list (RRT's sampler takes anchors with >= 5), ``min_negatives``
+    as many others (AMES's: 5); ``num_samples`` then keeps the first queries (the official
+    ``num_training_samples``). ``similarities`` (N, K) are the global similarities aligned with
+    ``neighbours``; ``pairs`` is ``"list"`` (the whole shortlist) or ``"triplet"`` (see the module
+    docstring), which needs them unless ``triplet_power`` is 0.
     """
 
     def __init__(
@@ -83,6 +94,10 @@ class TrainingLists(Dataset):
         seed: int = 0,
         num_samples: Optional[int] = None,
         min_positives: int = 0,
+        min_negatives: int = 0,
+        similarities: Optional[np.ndarray] = None,
+        pairs: str = "list",
+        triplet_power: float = 3.0,
     ):
         neighbours = np.asarray(neighbours)
         labels = np.asarray(labels)
@@ -101,6 +116,16 @@ class TrainingLists(Dataset):
             raise ValueError(f"topk must be >= 1, got {topk}")
         if neighbours.shape[1] < topk:
             raise ValueError(f"topk={topk} but the neighbour file holds only {neighbours.shape[1]} neighbours per image")
+        if pairs not in PAIRS:
+            raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
+        if similarities is not None:
+            similarities = np.asarray(similarities, dtype=np.float64)
+            if similarities.shape != neighbours.shape:
+                raise ValueError(f"similarities {similarities.shape} must align with neighbours {neighbours.shape}")
+        elif pairs == "triplet" and triplet_power != 0:
+            raise ValueError("pairs='triplet' draws by global similarity: pass similarities (or triplet_power=0)")
+        if triplet_power < 0:
+            raise ValueError(f"triplet_power must be >= 0, got {triplet_power}")
         self.features = features
         self.neighbours = neighbours
         self.labels = labels
@@ -108,12 +133,21 @@ class TrainingLists(Dataset):
         self.shuffle_gallery = bool(shuffle_gallery)
         self.seed = int(seed)
         self.epoch = 0
+        self.similarities = similarities
+        self.pairs = pairs
+        self.triplet_power = float(triplet_power)
         queries = labels >= 0
-        if min_positives > 0:
-            queries &= _positives_in_list(neighbours, labels, self.topk) >= min_positives
+        if pairs == "triplet":  # an anchor must have a positive and a negative to draw
+            min_positives, min_negatives = max(min_positives, 1), max(min_negatives, 1)
+        if min_positives > 0 or min_negatives > 0:
+            positives = _positives_in_list(neighbours, labels, self.topk)
+            queries &= (positives >= min_positives) & (self.topk - positives >= min_negatives)
         self.queries = np.flatnonzero(queries)[:num_samples]
         if len(self.queries) == 0:
-            raise ValueError(f"no image can be a query (landmark id >= 0 and >= {min_positives} positives in its list)")
+            raise ValueError(
+                f"no image can be a query (landmark id >= 0, >= {min_positives} positives and >= {min_negatives} "
+                "negatives in its list)"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose gallery shuffles ``__getitem__`` draws (set before a loader starts its workers)."""
@@ -123,17 +157,33 @@ class TrainingLists(Dataset):
         return len(self.queries)
 
     def shortlist_indices(self, index: int) -> tuple[int, np.ndarray]:
-        """List ``index``: its query image and its gallery images in the order the model sees them."""
+        """List ``index``: its query image and its gallery images in the order the model sees them
+        (with ``pairs="triplet"``: the drawn positive, then the drawn negative)."""
         if not 0 <= index < len(self.queries):
             raise IndexError(f"list {index} out of range [0, {len(self.queries)})")
         image = int(self.queries[index])
-        row = self.neighbours[image]
-        row = row[row != image][: self.topk]
+        keep = self.neighbours[image] != image
+        row = self.neighbours[image][keep][: self.topk]
         if len(row) < self.topk:
             raise ValueError(f"image {image} has only {len(row)} neighbours other than itself; topk is {self.topk}")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.pairs == "triplet":
+            sims = None if self.similarities is None else self.similarities[image][keep][: self.topk]
+            return image, self._triplet(row, sims, self.labels[row] == self.labels[image], rng)
         if self.shuffle_gallery:
-            row = row[np.random.default_rng([self.seed, self.epoch, index]).permutation(len(row))]
+            row = row[rng.permutation(len(row))]
         return image, row
+
+    def _triplet(self, row: np.ndarray, sims: Optional[np.ndarray], same: np.ndarray, rng) -> np.ndarray:
+        """One positive and one negative of ``row``, each drawn with probability ~ similarity ** power
+        among the candidates of positive similarity (all of them when none has one, or at power 0)."""
+        chosen = []
+        for group in (np.flatnonzero(same), np.flatnonzero(~same)):
+            weight = np.ones(len(group)) if sims is None or self.triplet_power == 0 else np.clip(sims[group], 0, None) ** self.triplet_power
+            if weight.sum() <= 0:
+                weight = np.ones(len(group))
+            chosen.append(group[rng.choice(len(group), p=weight / weight.sum())])
+        return row[chosen]
 
     def __getitem__(self, index: int) -> TrainingList:
         image, gallery = self.shortlist_indices(int(index))
@@ -142,6 +192,9 @@ class TrainingLists(Dataset):
         images = list(read(ids)) if read is not None else [self.features[i] for i in ids]
         labels = (self.labels[gallery] == self.labels[image]).astype(np.int64)
         return TrainingList(image, images[0], images[1:], labels)
+
+
+PAIRS = ("list", "triplet")
 
 
 def _positives_in_list(neighbours: np.ndarray, labels: np.ndarray, topk: int) -> np.ndarray:
@@ -186,16 +239,20 @@ def open_training_lists(
     seed: int = 0,
     num_samples: Optional[int] = None,
     min_positives: int = 0,
+    min_negatives: int = 0,
+    pairs: str = "list",
+    triplet_power: float = 3.0,
 ) -> TrainingLists:
     """The official training files as lists: ``image_list`` (``path,landmark_id,w,h``), ``local``
     (HDF5 [N, topk, 5 + D]), ``nn`` (pickle [2, N, >= topk + 1]), optional ``global_desc`` (raw
     float32 [N, D]); ``num_locals`` strongest locals per image (the official default: 48 with a
-    global descriptor, 49 without)."""
+    global descriptor, 49 without). The other options are :class:`TrainingLists`'."""
     labels = read_image_list(image_list)
-    _, neighbours = read_nn(nn)
+    similarities, neighbours = read_nn(nn)
     features = _LazyDescriptors(local, global_desc, len(labels), num_locals)
     features.features([0])  # fail now, not in a worker, when a file is missing or mis-sized
-    return TrainingLists(features, neighbours, labels, topk, shuffle_gallery, seed, num_samples, min_positives)
+    return TrainingLists(features, neighbours, labels, topk, shuffle_gallery, seed, num_samples, min_positives,
+                         min_negatives, similarities, pairs, triplet_power)
 
 
 def training_data(options: dict, seed: int = 0) -> TrainingLists:

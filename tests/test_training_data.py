@@ -53,6 +53,47 @@ def test_lists_skip_the_query_take_the_first_k_and_label_same_landmark():
     assert _lists(topk=3, min_positives=1).queries.tolist() == [0, 1, 2, 3, 5]
 
 
+def test_triplets_draw_one_positive_and_one_negative_by_similarity_cubed():
+    """The AMES TripletSampler: per anchor one positive and one negative of its first topk neighbours,
+    each drawn with probability ~ similarity ** 3 among those of positive similarity."""
+    features = [ImageFeatures(global_desc=np.full(2, i, np.float32)) for i in range(6)]
+    neighbours = np.array([[0, 1, 2, 3, 4, 5]] * 6)
+    sims = np.tile([1.0, 0.9, 0.5, 0.8, 0.4, -0.2], (6, 1))
+    labels = np.array([1, 1, 1, 2, 2, 2])
+    lists = TrainingLists(features, neighbours, labels, topk=5, similarities=sims, pairs="triplet")
+    assert lists.queries.tolist() == [0, 1, 2, 3, 4, 5]
+    drawn = []
+    for epoch in range(2000):
+        lists.set_epoch(epoch)
+        item = lists[0]  # anchor 0 (itself skipped): positives 1 (0.9), 2 (0.5); negatives 3 (0.8), 4 (0.4), 5 (-0.2)
+        assert item.labels.tolist() == [1, 0] and len(item.shortlist) == 2
+        drawn.append([f.global_desc[0] for f in item.shortlist])
+    drawn = np.array(drawn)
+    expected_pos = 0.9**3 / (0.9**3 + 0.5**3)
+    expected_neg = 0.8**3 / (0.8**3 + 0.4**3)
+    assert abs((drawn[:, 0] == 1).mean() - expected_pos) < 0.03
+    assert abs((drawn[:, 1] == 3).mean() - expected_neg) < 0.03
+    assert not (drawn[:, 1] == 5).any()  # a negative similarity is never drawn
+    # the same (seed, epoch, index) draws the same pair: a resumed run sees the same pairs
+    lists.set_epoch(7)
+    again = TrainingLists(features, neighbours, labels, topk=5, similarities=sims, pairs="triplet")
+    again.set_epoch(7)
+    assert [f.global_desc[0] for f in lists[2].shortlist] == [f.global_desc[0] for f in again[2].shortlist]
+    # power 0: uniform (RRT), no similarities needed; anchors need min_positives / min_negatives
+    uniform = TrainingLists(features, neighbours, labels, topk=5, pairs="triplet", triplet_power=0)
+    assert len(uniform[0].shortlist) == 2
+    # every anchor has 2 positives and 3 negatives among its 5
+    assert len(TrainingLists(features, neighbours, labels, topk=5, pairs="triplet", triplet_power=0, min_negatives=3)) == 6
+    with pytest.raises(ValueError, match=">= 4 negatives"):
+        TrainingLists(features, neighbours, labels, topk=5, pairs="triplet", triplet_power=0, min_negatives=4)
+    with pytest.raises(ValueError, match="pass similarities"):
+        TrainingLists(features, neighbours, labels, topk=5, pairs="triplet")
+    with pytest.raises(ValueError, match="pairs must be one of"):
+        TrainingLists(features, neighbours, labels, topk=5, pairs="quadruplet")
+    with pytest.raises(ValueError, match="align"):
+        TrainingLists(features, neighbours, labels, topk=5, similarities=sims[:, :3], pairs="triplet")
+
+
 def test_gallery_shuffle_is_seeded_by_seed_epoch_and_index():
     a, b = _lists(topk=4, seed=3), _lists(topk=4, seed=3)
     orders = {}
