@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from .progress import progress
 
 from .fusion import fuse_scores
 from .interface import RerankResult
+from .progress import progress as progress_bar
 
 ORDERS = ("end-to-start", "start-to-end")
 
@@ -73,7 +73,7 @@ def sliding_rerank(
     current = [np.arange(d) for d in depths]
     fused = [np.asarray(g, np.float32).copy() for g in global_scores]
     steps = max((len(p) for p in plans), default=0)
-    for step in progress(range(steps), desc="sliding windows", disable=not progress):
+    for step in progress_bar(range(steps), desc="sliding windows", disable=not progress):
         active = [q for q, plan in enumerate(plans) if step < len(plan)]
         requests = [(q, current[q][plans[q][step] : plans[q][step] + window].copy()) for q in active]
         logits = score_windows(requests)
