@@ -11,7 +11,6 @@ official code does (it models storing the database in half precision).
 from __future__ import annotations
 
 import functools
-
 from typing import Optional
 
 import torch
@@ -19,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from locore_plugin.hookspecs import hookimpl
 from locore_plugin.checkpoints import count_blocks, load_strict, save_directory
+from locore_plugin.hookspecs import hookimpl
 from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads
 
 # conf/model/ames.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768, CVNet: 1024).

@@ -21,7 +21,6 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from locore_plugin.progress import progress
 from transformers import LongformerConfig, LongformerModel
 
 from locore_plugin.attention import FAST, IMPLEMENTATIONS
@@ -29,6 +28,7 @@ from locore_plugin.checkpoints import CONFIG_FILE, WEIGHTS_FILE, load_strict, re
 from locore_plugin.features import ImageFeatures, stack_globals, stack_locals
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import RerankResult, TrainableReranker
+from locore_plugin.progress import progress
 from locore_plugin.runtime import resolve_device, resolve_dtype
 from locore_plugin.sliding_window import ORDERS, sliding_rerank
 
@@ -419,7 +419,8 @@ class LocoreReranker(TrainableReranker):
                 items.append((query, gallery, torch.arange(len(shortlists[i]), device=self.device)))
             logits = module(**self._batch(items))
             target = token_labels(torch.as_tensor(np.stack([labels[i] for i in members]), device=self.device), per_image)
-            loss = nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), target.flatten(), reduction="sum")
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = nn.functional.cross_entropy(wide.flatten(0, 1), target.flatten(), reduction="sum")
             total = loss if total is None else total + loss
             count += int((target != -100).sum())
         return total / count
@@ -573,7 +574,7 @@ def init_from_language_model(source, variant: str, positions: Optional[str] = No
 
 
 def parameter_count(variant: str, **overrides) -> int:
-    """Parameters of a variant's model (random weights), e.g. for the README's Table A comparison."""
+    """Parameters of a variant's model (random weights), e.g. for the Table A comparison in docs/methods.md."""
     return sum(p.numel() for p in LocoreModel(LocoreConfig.variant(variant, **overrides)).parameters())
 
 

@@ -195,7 +195,7 @@ class R2Former(nn.Module):
         """Top-k correspondences each way (padded locals never chosen when real ones remain)."""
         k = self.config.num_corr
         q_desc, g_desc = query["local"], gallery["local"]
-        p, n, m = q_desc.shape[0], q_desc.shape[1], g_desc.shape[1]
+        n, m = q_desc.shape[1], g_desc.shape[1]
         if min(n, m) < k:
             raise ValueError(f"R2Former needs at least num_corr={k} local slots per image, got {n} and {m}")
         q_mask, g_mask = query["mask"], gallery["mask"]

@@ -9,7 +9,6 @@ logit, by which the official evaluation ranks (no fusion with the global similar
 from __future__ import annotations
 
 import functools
-
 from typing import Optional
 
 import numpy as np
@@ -18,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from locore_plugin.hookspecs import hookimpl
 from locore_plugin.checkpoints import count_blocks, load_strict, save_directory
+from locore_plugin.hookspecs import hookimpl
 from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads
 
 # RRT_GLD/models/ingredient.py, named config RRT (seq_len and dim_K only served the unused Linformer).

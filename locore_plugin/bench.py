@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch.utils import flop_counter
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
-from .progress import progress
 
 from .atomic import atomic_write
 from .attention import FAST, REFERENCE
 from .features import ImageFeatures
+from .progress import progress
 from .registry import create_reranker, lookup, registered_rerankers
 from .runtime import resolve_device
 

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
-from .progress import progress
 
 from .atomic import atomic_write, set_aside
 from .features import ImageFeatures, stack_locals
 from .pickles import OFFICIAL_DATA, read_pickle
+from .progress import progress
 
 DATA_ENV = "LOCORE_DATA"
 DISTRACTORS = "revisitop1m"

@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import sys
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -29,11 +30,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from .progress import progress
 
 from .atomic import atomic_write, set_aside
 from .metrics import compute_map
 from .options import SYNTAX, parse_assignment
+from .progress import progress
 from .protocols import JUNK_MODES, Protocol, check_junk_mode, get_protocol, parse_protocols, prepare_ranking
 
 GLOBAL_ROW = "global"

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from .features import ImageFeatures, stack_globals
+
+if TYPE_CHECKING:  # torch is imported lazily: the interface alone does not need it
+    import torch
 
 
 @dataclass(frozen=True, eq=False)

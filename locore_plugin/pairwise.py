@@ -13,12 +13,12 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .progress import progress
 
 from .checkpoints import read_checkpoint
 from .features import ImageFeatures, stack_globals, stack_locals
 from .fusion import fuse_scores
 from .interface import RerankResult, TrainableReranker, ranked
+from .progress import progress
 from .runtime import resolve_device, resolve_dtype
 
 

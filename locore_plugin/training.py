@@ -47,11 +47,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from .progress import progress
 
 from .atomic import atomic_write, set_aside
 from .interface import TrainableReranker
 from .options import parse_assignment
+from .progress import progress
 from .registry import create_reranker
 from .runtime import resolve_dtype
 

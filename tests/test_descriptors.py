@@ -11,7 +11,13 @@ import pytest
 from locore_plugin import ImageFeatures, read_pickle
 from locore_plugin import descriptors as dmod
 from locore_plugin.descriptors import (
-    DescriptorSet, DescriptorWriter, build_shortlist, descriptor_paths, open_revisited, read_nn, write_descriptors,
+    DescriptorSet,
+    DescriptorWriter,
+    build_shortlist,
+    descriptor_paths,
+    open_revisited,
+    read_nn,
+    write_descriptors,
     write_nn,
 )
 
