@@ -136,10 +136,18 @@ def _features_of(item) -> Optional[ImageFeatures]:
 
 
 def _image_of(item):
-    """What the extractor loads: the Document itself (image_path / base64) or the pixels it carries."""
-    if isinstance(item, Document) and item.metadata.get(IMAGE_KEY) is not None:
+    """What the extractor loads: a Document's pixels, image file (a Path) or base64 text; other items as they are."""
+    if not isinstance(item, Document):
+        return item
+    if item.document_type != "image":
+        raise ValueError(f"Document {item.doc_id!r} is a {item.document_type!r} document, not an image")
+    if item.metadata.get(IMAGE_KEY) is not None:
         return item.metadata[IMAGE_KEY]
-    return item
+    if item.image_path:
+        return Path(item.image_path)
+    if item.base64:
+        return item.base64
+    raise ValueError(f"image Document {item.doc_id!r} has neither image_path nor base64 (nor features)")
 
 
 def _bbox_of(item):

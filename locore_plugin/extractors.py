@@ -27,8 +27,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .atomic import atomic_write, set_aside
-from .options import parse_assignment
 from .features import ImageFeatures
+from .options import parse_assignment
 from .registry import RegistryEntry, collect, lookup
 
 BBox = Sequence[float]
@@ -84,8 +84,8 @@ def image_key(source) -> str:
 
 
 def load_image(source) -> LoadedImage:
-    """Decode an image given as a path, base64 text (a data URI too), encoded bytes, an image
-    ``Document`` (``image_path`` or ``base64``), a PIL image or an (H, W[, 3]) uint8 RGB array.
+    """Decode an image given as a path, base64 text (a data URI too), encoded bytes, a PIL image
+    or an (H, W[, 3]) uint8 RGB array (rerankers ``Document``s are unpacked by the bridge).
 
     Files are decoded with OpenCV, as the official extraction scripts read them.
     """
@@ -102,16 +102,6 @@ def load_image(source) -> LoadedImage:
 
 def _resolve(source) -> tuple[str, Any]:
     """('bytes', encoded file bytes) or ('array', RGB uint8 pixels)."""
-    from rerankers.documents import Document
-
-    if isinstance(source, Document):
-        if source.document_type != "image":
-            raise ValueError(f"Document {source.doc_id!r} is a {source.document_type!r} document, not an image")
-        if source.image_path:
-            return _resolve(Path(source.image_path))
-        if source.base64:
-            return "bytes", _decode_base64(source.base64, f"Document {source.doc_id!r}")
-        raise ValueError(f"image Document {source.doc_id!r} has neither image_path nor base64 (nor features)")
     if isinstance(source, Path):
         if not source.is_file():
             raise FileNotFoundError(f"image not found: {source}")
@@ -130,7 +120,7 @@ def _resolve(source) -> tuple[str, Any]:
     if type(source).__module__.startswith("PIL."):
         return "array", _rgb_array(np.asarray(source.convert("RGB")))
     raise TypeError(
-        "an image must be a path, base64 text, encoded bytes, an image Document, a PIL image or a numpy "
+        "an image must be a path, base64 text, encoded bytes, a PIL image or a numpy "
         f"array, got {type(source).__name__}"
     )
 
@@ -362,9 +352,8 @@ def extract_split(extractor: ImageExtractor, images: Sequence, directory, desc: 
     Images go through the extractor's cache in chunks, so with an on-disk cache an interrupted run
     resumes where it stopped; the files appear only once complete.
     """
-    from .progress import progress
-
     from .descriptors import DescriptorWriter
+    from .progress import progress
 
     if not images:
         raise ValueError(f"no images for the {split} split")

@@ -69,6 +69,23 @@ def test_documents_without_features_are_refused_clearly():
         ranker.rank(query, gallery()[1], doc_ids=[1])
 
 
+def test_image_documents_are_unpacked_for_the_extractor(tmp_path):
+    """Only the bridge knows rerankers' Document: the extractor gets a path, base64 text or pixels."""
+    from pathlib import Path
+
+    from locore_plugin.bridge import _image_of
+
+    pixels = np.zeros((2, 2, 3), np.uint8)
+    assert _image_of(Document(document_type="image", image_path=str(tmp_path / "a.jpg"))) == Path(tmp_path / "a.jpg")
+    assert _image_of(Document(document_type="image", base64="aGVsbG8=")) == "aGVsbG8="
+    assert _image_of(Document(document_type="image", metadata={"image": pixels})) is pixels
+    assert _image_of("x.jpg") == "x.jpg"
+    with pytest.raises(ValueError, match="'text' document, not an image"):
+        _image_of(Document(text="hello"))
+    with pytest.raises(ValueError, match="neither image_path nor base64"):
+        _image_of(Document(document_type="image", doc_id="d"))
+
+
 def test_other_names_go_to_rerankers_dispatch(monkeypatch):
     seen = {}
 

@@ -14,7 +14,11 @@ from locore_plugin import create_reranker
 from locore_plugin.cli import main
 from locore_plugin.descriptors import LocalReader, read_globals
 from locore_plugin.extractors import (
-    ImageExtractor, crop_box, create_extractor, list_extractors, load_image,
+    ImageExtractor,
+    create_extractor,
+    crop_box,
+    list_extractors,
+    load_image,
 )
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
@@ -105,8 +109,7 @@ def test_every_image_source_decodes_to_the_same_rgb_pixels(tmp_path):
     rgb = picture()
     path = write_png(tmp_path / "a.png", rgb)
     text = base64.b64encode(path.read_bytes()).decode()
-    sources = [path, str(path), text, "data:image/png;base64," + text, path.read_bytes(),
-               Document(document_type="image", image_path=str(path)), Document(document_type="image", base64=text)]
+    sources = [path, str(path), text, "data:image/png;base64," + text, path.read_bytes()]
     keys = set()
     for source in sources:
         image = load_image(source)
@@ -126,10 +129,6 @@ def test_bad_image_sources_are_refused_clearly(tmp_path):
         load_image(tmp_path / "missing.jpg")
     with pytest.raises(ValueError, match="could not decode"):
         load_image(b"not an image")
-    with pytest.raises(ValueError, match="not an image"):
-        load_image(Document(text="hello"))
-    with pytest.raises(ValueError, match="neither image_path nor base64"):
-        load_image(Document(document_type="image", doc_id="d"))
     with pytest.raises(ValueError, match="uint8"):
         load_image(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(TypeError, match="must be a path"):
