@@ -2,17 +2,26 @@
 
 Importing the package connects it to ``rerankers.Reranker`` (see :mod:`locore_plugin.bridge`).
 """
-from .extractors import create_extractor, list_extractors
+from importlib.metadata import PackageNotFoundError, version
+
+from . import bridge as _bridge
+from .extractors import ImageExtractor, create_extractor, list_extractors
 from .features import ImageFeatures
-from .interface import ImageReranker, RerankResult
+from .hookspecs import hookimpl
+from .interface import ImageReranker, RerankResult, TrainableReranker, ranked
 from .metrics import compute_map
 from .pickles import read_pickle
-from .registry import create_reranker, list_rerankers
-from . import bridge as _bridge
+from .registry import UnknownNameError, create_reranker, list_rerankers
 
 _bridge.install()
 
+try:
+    __version__ = version("locore-plugin")  # the one place it is written: pyproject.toml
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
-    "ImageFeatures", "ImageReranker", "RerankResult", "compute_map", "create_extractor", "create_reranker",
-    "list_extractors", "list_rerankers", "read_pickle",
+    "ImageExtractor", "ImageFeatures", "ImageReranker", "RerankResult", "TrainableReranker", "UnknownNameError",
+    "__version__", "compute_map", "create_extractor", "create_reranker", "hookimpl", "list_extractors",
+    "list_rerankers", "ranked", "read_pickle",
 ]
