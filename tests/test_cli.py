@@ -12,6 +12,7 @@ def test_list_prints_name_provider_and_description(capsys):
     assert out.index("re-rankers:") < out.index("superglobal") < out.index("extractors:") < out.index("  sift ")
 
 
-def test_console_script_module_entry():
-    out = subprocess.run([sys.executable, "-m", "locore_plugin.cli", "list"], capture_output=True, text=True, check=True)
+def test_console_script_module_entry(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "locore_plugin.cli", "list"], cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
     assert "superglobal" in out.stdout

@@ -143,7 +143,8 @@ def run_listing(path, env_value):
     if env_value is not None:
         env["LOCORE_PLUGINS"] = env_value
     code = "import locore_plugin; print(sorted((e.name, e.distribution) for e in locore_plugin.list_rerankers()))"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    # cwd: away from the source tree, which would shadow the installed package
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=path, capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.parametrize("env_value, loaded", [(None, True), ("ep_plugin", True), ("", False), ("other", False)])

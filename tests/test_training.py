@@ -336,7 +336,7 @@ def test_torchrun_two_processes_train_locore_like_one(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
          "locore_plugin.training", str(recipe), "--output-dir", str(tmp_path / "two"), "--set", "per_device_batch_size=2"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
@@ -360,7 +360,7 @@ def test_locore_killed_mid_run_resumes_to_the_same_weights(tmp_path):
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "locore_plugin.training", str(recipe), "--output-dir", str(killed),
                                 "--set", "save_every=1"],
-                               env={**os.environ, "OMP_NUM_THREADS": threads}, stdout=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": threads}, cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
