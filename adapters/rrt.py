@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,9 +49,9 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 # What the ``scale`` column holds: DELG scale values (binned as above), or the scale-pyramid level
 # the AMES-format files store (``scale_enc``: 0 for single-scale DINOv2), used as the bin itself.
 SCALE_COLUMNS = ("value", "index")
-# RRT_GLD/utils/data/utils.py TripletSampler: anchors need >= 5 positives among their 100 neighbours.
-CANDIDATES = 100
-MIN_POSITIVES = 5
+# The official TripletSampler (RRT_GLD/utils/data/utils.py: anchors with >= 5 positives among their
+# 100 neighbours, one random positive and one random negative each) is the training data's
+# pairs="triplet" with topk=100, triplet_power=0, min_positives=5 (recipes/train_rrt*.toml).
 
 
 def sizes_from_state(state: dict) -> dict:
@@ -203,20 +202,6 @@ class RRTReranker(PairwiseReranker):
                     f"got {scale[bad][0].item():g}"
                 )
         return bins.where(valid, torch.zeros_like(bins))
-
-    def sample_pairs(self, labels, rng):
-        """The official TripletSampler: anchors with >= 5 positives among their first ``CANDIDATES``
-        neighbours give one random positive and one random negative pair."""
-        lists, items, targets = [], [], []
-        for i, label in enumerate(labels):
-            top = np.asarray(label[:CANDIDATES]) > 0
-            positives, negatives = np.flatnonzero(top), np.flatnonzero(~top)
-            if len(positives) < MIN_POSITIVES or len(negatives) == 0:
-                continue
-            lists += [i, i]
-            items += [rng.choice(positives), rng.choice(negatives)]
-            targets += [1.0, 0.0]
-        return np.array(lists, np.int64), np.array(items, np.int64), np.array(targets, np.float32)
 
     def save_pretrained(self, directory) -> None:
         save_directory(directory, self.module, {"method": "rrt", "model": self.module.config})

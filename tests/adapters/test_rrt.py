@@ -150,32 +150,32 @@ def test_fusion_is_optional(golden_case, tmp_path):
 
 @pytest.mark.golden("rrt")
 def test_training_pairs_follow_the_official_sampler(golden_case, tmp_path):
+    """The official TripletSampler is the data's pairs="triplet" (power 0, >= 5 positives in the first
+    100): each anchor's list is one random positive and one random negative, and the loss is the
+    binary cross-entropy of the official logits of those two pairs."""
+    from locore_plugin.training_data import TrainingLists
+
     queries, gallery, _, outputs, config = load_case(golden_case)
     reranker = rrt(unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt"), config)
-    labels = [
-        np.r_[np.ones(5), np.zeros(7)],  # 5 positives: an anchor
-        np.r_[np.ones(4), np.zeros(8)],  # 4 positives: skipped
-        np.r_[np.zeros(2), np.ones(10)],  # an anchor
-    ]
-    lists, items, targets = reranker.sample_pairs(labels, np.random.default_rng(0))
-    assert lists.tolist() == [0, 0, 2, 2] and targets.tolist() == [1, 0, 1, 0]
-    assert labels[0][items[0]] == 1 and labels[0][items[1]] == 0 and labels[2][items[2]] == 1 and labels[2][items[3]] == 0
-    # only the first 100 neighbours count: positives beyond them do not make an anchor
-    assert len(reranker.sample_pairs([np.r_[np.zeros(100), np.ones(20)]], np.random.default_rng(0))[0]) == 0
-
-    reranker.rng = np.random.default_rng(7)
-    loss = reranker.training_loss(queries, [gallery] * len(queries), labels)
-    lists, items, targets = reranker.sample_pairs(labels, np.random.default_rng(7))
-    x = outputs["logits"][lists, items].astype(np.float64)
-    assert loss.item() == pytest.approx(np.mean(np.logaddexp(0, x) - targets * x), abs=1e-5)
+    n_query, n_gallery = len(queries), len(gallery)
+    images = queries + gallery
+    # every query's neighbours: the whole gallery in file order; landmark ids make the labels
+    neighbours = np.tile(np.arange(n_query, n_query + n_gallery), (n_query + n_gallery, 1))
+    # query 0 shares landmark 0 with every other gallery image; the rest of the gallery are distractors
+    landmark = np.r_[np.arange(n_query), np.where(np.arange(n_gallery) % 2 == 0, 0, -1)]
+    lists = TrainingLists(images, neighbours, landmark, topk=n_gallery, pairs="triplet", triplet_power=0,
+                          min_positives=5)
+    # queries 1, 2 have no positive, distractors are never anchors; landmark-0 gallery images are anchors too
+    assert lists.queries.tolist() == [0, *range(n_query, n_query + n_gallery, 2)]
+    batch = [lists[0]]
+    assert batch[0].labels.tolist() == [1, 0]
+    picked = [gallery.index(item) for item in batch[0].shortlist]
+    assert landmark[n_query + picked[0]] == 0 and landmark[n_query + picked[1]] != 0
+    loss = reranker.training_loss([b.query for b in batch], [b.shortlist for b in batch], [b.labels for b in batch])
+    x = outputs["logits"][0, picked].astype(np.float64)
+    assert loss.item() == pytest.approx(np.mean(np.logaddexp(0, x) - np.array([1, 0]) * x), abs=1e-5)
     loss.backward()
     assert reranker.module.scale_encoder.weight.grad.abs().sum() > 0
-    # a batch without an anchor: zero loss, still through the model (data-parallel ranks stay in step)
-    reranker.module.zero_grad()
-    empty = reranker.training_loss(queries[:1], [gallery], [np.zeros(len(gallery))])
-    assert empty.item() == 0.0 and empty.requires_grad
-    empty.backward()
-    assert reranker.module.classifier.weight.grad.abs().sum() == 0
 
 
 @pytest.mark.golden("rrt")
