@@ -301,13 +301,17 @@ class R2FormerReranker(PairwiseReranker):
     columns = ("xy", "weight")
     needs_global = False
 
-    def __init__(self, module: R2Former, *, fusion=None, negatives_per_query: int = 10, **kwargs):
+    def __init__(self, module: R2Former, *, fusion=None, negatives_per_query: int = 10, xy_scale: Optional[float] = None,
+                 **kwargs):
         if fusion == "official":
             fusion = (module.fusion_weight(), 1.0)
         elif isinstance(fusion, str):
             raise ValueError(f"fusion must be None, 'official' or (weight, temperature), got {fusion!r}")
         if negatives_per_query < 1:
             raise ValueError(f"negatives_per_query must be >= 1, got {negatives_per_query}")
+        if xy_scale is not None and not xy_scale > 0:
+            raise ValueError(f"xy_scale must be None or > 0, got {xy_scale}")
+        self.xy_scale = xy_scale
         k = module.config.num_corr
         if min(kwargs["query_length"], kwargs["gallery_length"]) < k:
             raise ValueError(f"query_length and gallery_length must be >= num_corr={k}")
@@ -324,11 +328,13 @@ class R2FormerReranker(PairwiseReranker):
         its per-image maximum (as the official extractor does; identity on official features)."""
         mask = side["mask"]
         xy, weight = side["xy"], side["weight"]
+        if self.xy_scale is not None:  # files that hold pixel positions
+            xy = xy / self.xy_scale
         worst = float(xy[mask].abs().max())
         if worst > 2:
             raise ValueError(
                 f"{self.method}: {role} xy reach {worst:g}; R2Former expects patch centres divided by "
-                "max(image height, width), in [0, 1] (pixel coordinates?)"
+                "max(image height, width), in [0, 1] (pixel coordinates? pass xy_scale=<the longer image side>)"
             )
         peak = weight.masked_fill(~mask, float("-inf")).amax(1, keepdim=True)
         weight = torch.where(peak > 0, weight / peak, weight)
@@ -417,6 +423,7 @@ def build_r2former(
     fusion=None,
     top_k: Optional[int] = None,
     negatives_per_query: int = 10,
+    xy_scale: Optional[float] = None,
     device="cpu",
     dtype="float32",
     batch_size: int = 100,
@@ -431,7 +438,8 @@ def build_r2former(
     names or the official ``R2Former(...)`` keywords. ``fusion``: None
     (rank by softmax[:, 1], as the official evaluation), ``"official"`` (the official
     ``final_score``) or (weight, temperature). ``top_k``: re-rank only the first k (officially 100).
-    ``negatives_per_query``: hard negatives per positive in training (official 10)."""
+    ``negatives_per_query``: hard negatives per positive in training (official 10). ``xy_scale``
+    divides the ``xy`` column first, for files that hold pixel positions (the longer image side)."""
     return R2FormerReranker(
         build_module(name, checkpoint, config, pretrained),
         query_length=query_length,
@@ -439,6 +447,7 @@ def build_r2former(
         fusion=fusion,
         top_k=top_k,
         negatives_per_query=negatives_per_query,
+        xy_scale=xy_scale,
         device=device,
         dtype=dtype,
         batch_size=batch_size,

@@ -1,4 +1,6 @@
 """Hook specifications: what a plugin may provide to locore_plugin."""
+from typing import Callable
+
 import pluggy
 
 hookspec = pluggy.HookspecMarker("locore_plugin")
@@ -6,7 +8,7 @@ hookimpl = pluggy.HookimplMarker("locore_plugin")
 
 
 @hookspec
-def register_rerankers(register):
+def register_rerankers(register: Callable[..., None]) -> None:
     """Register image re-rankers.
 
     Call ``register(name, factory, description=..., **metadata)`` once per name. ``factory(**kwargs)``
@@ -18,7 +20,7 @@ def register_rerankers(register):
 
 
 @hookspec
-def register_extractors(register):
+def register_extractors(register: Callable[..., None]) -> None:
     """Register feature extractors: what turns a raw image into :class:`locore_plugin.ImageFeatures`.
 
     Call ``register(name, factory, description=..., **metadata)`` once per name. ``factory(**kwargs)``
