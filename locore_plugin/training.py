@@ -412,7 +412,7 @@ class Trainer:
                     self.step_in_epoch += 1
                     rate = self.global_batch / max(time.perf_counter() - started, 1e-9)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", lists_s=f"{rate:.1f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", lists_s=f"{rate:.1f}", refresh=False)  # drawn with the next update
                     record = {"event": "train", "step": self.step, "loss": loss, "lr": lr, "lists_per_s": rate,
                               "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch}
                     if self.step % cfg.log_every == 0 or self.step == stop:
