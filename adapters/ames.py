@@ -269,4 +269,5 @@ def build_ames(
 def register_rerankers(register):
     for name in CONFIGS:
         extractor = "dinov2-ames" if "cvnet" not in name else None  # no CVNet extractor is registered
-        register(name, functools.partial(build_ames, name), description=DESCRIPTIONS[name], inputs="local", columns=(), extractor=extractor)
+        register(name, functools.partial(build_ames, name), description=DESCRIPTIONS[name], learned=True, inputs="local",
+                 columns=(), extractor=extractor)

@@ -197,5 +197,5 @@ def build_elvis(
 @hookimpl
 def register_rerankers(register):
     for name in CONFIGS:
-        register(name, functools.partial(build_elvis, name), description=DESCRIPTIONS[name], inputs="local", columns=(),
+        register(name, functools.partial(build_elvis, name), description=DESCRIPTIONS[name], learned=True, inputs="local", columns=(),
                  extractor="dinov2-ames")

@@ -273,8 +273,9 @@ class LocoreReranker(TrainableReranker):
     ``checkpoint``: a folder with ``model.safetensors`` (+ ``config.json``), the weights file itself
     (a ``config.json`` beside it is used), or a Hugging Face hub id (tried only when the hub is
     reachable). Without ``config.json`` the architecture is the named variant's (Table A), with the
-    descriptor dimensions read from the checkpoint. No checkpoint, or ``pretrained=False``: random
-    weights. ``config`` overrides architecture fields of :class:`LocoreConfig` (e.g. a small model
+    descriptor dimensions read from the checkpoint. ``pretrained=False`` (and no checkpoint): random
+    weights, which must be asked for (no checkpoint without it is an error, as for every learned
+    method). ``config`` overrides architecture fields of :class:`LocoreConfig` (e.g. a small model
     on 32-d descriptors: ``config={"hidden_size": 64, "num_hidden_layers": 1, "local_dim": 32, ...}``).
     ``window`` images of ``num_locals`` locals share one sequence; ``batch_size`` windows
     share one forward pass. An image with more than ``num_locals`` valid locals keeps those with the
@@ -288,6 +289,11 @@ class LocoreReranker(TrainableReranker):
                  use_global: Optional[bool] = None, config: Optional[dict] = None):
         if not pretrained and checkpoint is not None:
             raise ValueError("pretrained=False builds random weights; do not also pass a checkpoint")
+        if pretrained and checkpoint is None:
+            raise ValueError(
+                f"{variant} needs checkpoint= (the official weights are published by MrZilinXiao/LongContextReranker, "
+                "e.g. vislang/locore_dinov2_base); pass pretrained=False for a randomly initialised model"
+            )
         if min(num_locals, window, stride, shortlist, batch_size) < 1:
             raise ValueError("num_locals, window, stride, shortlist and batch_size must all be >= 1")
         if order not in ORDERS:
@@ -586,6 +592,7 @@ def register_rerankers(register):
             functools.partial(LocoreReranker, name),
             description=f"LoCoRE (CVPR 2025) list-wise long-context re-ranker, {arch['num_hidden_layers']} layers, "
             f"hidden {arch['hidden_size']}, sliding windows",
+            learned=True,
             inputs="local+global",
             extractor="dinov2-ames",
         )

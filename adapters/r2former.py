@@ -465,4 +465,5 @@ DESCRIPTIONS = {
 @hookimpl
 def register_rerankers(register):
     for name in CONFIGS:
-        register(name, functools.partial(build_r2former, name), description=DESCRIPTIONS[name], inputs="local", columns=R2FormerReranker.columns)
+        register(name, functools.partial(build_r2former, name), description=DESCRIPTIONS[name], learned=True,
+                 inputs="local", columns=R2FormerReranker.columns)

@@ -259,4 +259,4 @@ def build_rrt(
 @hookimpl
 def register_rerankers(register):
     for name in CONFIGS:
-        register(name, functools.partial(build_rrt, name), description=DESCRIPTIONS[name], inputs="global+local", columns=("scale",))
+        register(name, functools.partial(build_rrt, name), description=DESCRIPTIONS[name], learned=True, inputs="global+local", columns=("scale",))

@@ -135,13 +135,9 @@ def _locals(reranker, role: str) -> int:
 
 
 def build(name: str, device, **options):
-    """The registered re-ranker, with random weights where it is learned (``pretrained=False``)."""
-    try:
-        return create_reranker(name, device=device, pretrained=False, **options)
-    except TypeError as error:  # a training-free method has no pretrained option
-        if "pretrained" not in str(error):
-            raise
-        return create_reranker(name, device=device, **options)
+    """The registered re-ranker, with random weights where it is learned (``pretrained=False``,
+    which every factory accepts: training-free ones ignore it)."""
+    return create_reranker(name, device=device, pretrained=False, **options)
 
 
 def _sync(device: torch.device) -> None:

@@ -14,8 +14,11 @@ def register_rerankers(register: Callable[..., None]) -> None:
     Call ``register(name, factory, description=..., **metadata)`` once per name. ``factory(**kwargs)``
     returns an :class:`locore_plugin.ImageReranker`; it receives the user's keyword arguments
     (``device``, ``dtype``, ``batch_size``, ``verbose`` and method-specific ones such as
-    ``checkpoint``) and must reject those it does not know. The metadata ``extractor="<name>"``
-    names the feature extractor that ``rank()`` uses on raw images when the user names none.
+    ``checkpoint``) and must reject those it does not know. Every factory accepts ``pretrained``: a
+    learned method (metadata ``learned=True``) refuses to build random weights unless
+    ``pretrained=False`` is passed and no ``checkpoint``; a training-free one ignores it. The
+    metadata ``extractor="<name>"`` names the feature extractor that ``rank()`` uses on raw images
+    when the user names none.
     """
 
 

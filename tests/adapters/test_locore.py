@@ -277,17 +277,19 @@ def test_options_are_validated():
         create_reranker("locore-tiny", no_such_option=1)
     with pytest.raises(ValueError, match="pretrained=False"):
         create_reranker("locore-tiny", pretrained=False, checkpoint="x")
+    with pytest.raises(ValueError, match="locore-tiny needs checkpoint=.*pass pretrained=False"):
+        create_reranker("locore-tiny")  # random weights only when asked for
     with pytest.raises(ValueError, match="unknown reduction"):
-        create_reranker("locore-tiny", reduction="max-mean")
+        create_reranker("locore-tiny", pretrained=False, reduction="max-mean")
     with pytest.raises(ValueError, match="unknown order"):
-        create_reranker("locore-tiny", order="middle-out")
+        create_reranker("locore-tiny", pretrained=False, order="middle-out")
     with pytest.raises(ValueError, match="unknown attn_implementation"):
-        create_reranker("locore-tiny", attn_implementation="magic")
+        create_reranker("locore-tiny", pretrained=False, attn_implementation="magic")
     # Table C settings fit the 5,120 context; one image more than the budget does not.
     LocoreConfig.variant("locore-tiny").check_context(50, 98)
     LocoreConfig.variant("locore-tiny").check_context(200, 23)
     with pytest.raises(ValueError, match=r"context budget exceeded: \(1 \+ 102 images\) x 50 tokens = 5150, padded to 6144"):
-        create_reranker("locore-tiny", window=102)
+        create_reranker("locore-tiny", pretrained=False, window=102)
     with pytest.raises(ValueError, match="padded to 5632 .*512.* 5120 positions"):
         LocoreConfig.variant("locore-base").check_context(102, 48)
 
