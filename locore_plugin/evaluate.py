@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import inspect
 import json
 import os
 import sys
@@ -658,9 +657,10 @@ def _weights_chosen(spec: MethodSpec) -> list[str]:
 def untrained_reason(name: str, checkpoints: Sequence[str] = ()) -> Optional[str]:
     """Why a registered name (or chain) cannot be reported without trained weights, or None.
 
-    A stage is learned when its factory takes a ``checkpoint``, refuses to build without one, or
-    builds a :class:`~locore_plugin.interface.TrainableReranker`; it counts as trained only
-    when ``checkpoints`` (``NAME=PATH`` strings) names it.
+    A stage is learned when it registers ``learned=True`` (the registry metadata every learned
+    adapter declares) or, for a plugin that does not say, when it builds a
+    :class:`~locore_plugin.interface.TrainableReranker` (with ``pretrained=False``, which every
+    factory accepts); it counts as trained only when ``checkpoints`` (``NAME=PATH``) names it.
     """
     from .interface import TrainableReranker
     from .registry import create_reranker, registered_rerankers
@@ -670,49 +670,62 @@ def untrained_reason(name: str, checkpoints: Sequence[str] = ()) -> Optional[str
     for part in name.split("+"):
         if part in given:
             continue
-        learned = f"{part} is a learned re-ranker and no trained checkpoint was given"
-        if "checkpoint" in inspect.signature(entries[part].factory).parameters:
-            return learned
-        try:
-            built = create_reranker(part)
-        except (TypeError, ValueError, FileNotFoundError, OSError) as error:
-            return learned if "checkpoint" in str(error) else f"{part} does not build without options ({error})"
-        if isinstance(built, TrainableReranker):
-            return learned
+        learned = entries[part].metadata.get("learned")
+        if learned is None:
+            learned = isinstance(create_reranker(part, pretrained=False), TrainableReranker)
+        if learned:
+            return f"{part} is a learned re-ranker and no trained checkpoint was given"
     return None
 
 
 # The CPU smoke recipes (in ``recipes/``, installed as ``locore_plugin.recipes``) that ``demo``
 # trains, so that learned re-rankers take part with weights that mean something.
-DEMO_TRAINING = ("train_cpu_smoke.toml", "train_cpu_smoke_ames.toml")
+# Each with the options that rank by the method's own score alone (a second row; none when that is
+# already the method's default ranking), so that the table shows what each method learned.
+DEMO_TRAINING = (
+    ("train_cpu_smoke.toml", {"alpha": 0.0, "temperature": 1.0}),
+    ("train_cpu_smoke_ames.toml", {"fusion": None}),
+    ("train_cpu_smoke_r2former.toml", {}),
+    ("train_cpu_smoke_elvis.toml", {"fusion": None}),
+)
 
 
 def train_demo_rerankers(out, log=print) -> list[MethodSpec]:
     """Train the demo's learned re-rankers briefly on synthetic worlds other than the benchmark's.
 
-    A finished run is reused and an interrupted one resumes. Rows use the ``final`` weights, not
-    ``best``: the recipes validate on the benchmark itself, so picking by it would flatter them.
+    A finished run is reused and an interrupted one resumes. Every file goes under ``out``: the
+    runs in ``train/<recipe>``, the training worlds in ``train-data/<the recipe's folder name>``
+    (recipes that name the same worlds share them), the validation world in ``validation-data``
+    (the recipes validate on a world of their own, never on the benchmark reported here). Rows
+    use the ``final`` weights.
     """
+    import dataclasses
     from importlib.resources import as_file, files
 
     from .training import load_config, train
 
     out = Path(out)
     methods = []
-    for recipe in DEMO_TRAINING:
+    for recipe, own_score in DEMO_TRAINING:
         stem = recipe.removesuffix(".toml")
-        overrides = (f"output_dir={json.dumps(str(out / 'train' / stem))}",
-                     f"data.directory={json.dumps(str(out / 'train-data'))}",
-                     f"validation.directory={json.dumps(str(out / 'data'))}")
         with as_file(files("locore_plugin.recipes") / recipe) as path:
-            config = load_config(path, overrides)
+            config = load_config(path)
+        config = dataclasses.replace(
+            config,
+            output_dir=str(out / "train" / stem),
+            data={**config.data, "directory": str(out / "train-data" / Path(config.data["directory"]).name)},
+            validation={**config.validation, "directory": str(out / "validation-data")},
+        )
         final = Path(config.output_dir) / "final"
         if not final.is_dir():
             log(f"training {config.reranker} briefly on synthetic worlds ({recipe}; once, then reused) ...")
             train(config)
         options = {k: v for k, v in config.reranker_options.items() if k != "config"}
-        methods.append(MethodSpec(config.reranker, options={**options, "checkpoint": str(final)},
-                                  label=f"{config.reranker} (trained: {stem})"))
+        options["checkpoint"] = str(final)
+        methods.append(MethodSpec(config.reranker, options=options, label=f"{config.reranker} (trained: {stem})"))
+        if own_score:
+            methods.append(MethodSpec(config.reranker, options={**options, **own_score},
+                                      label=f"{config.reranker} (trained: {stem}; own score alone)"))
     return methods
 
 
@@ -770,7 +783,7 @@ def add_demo_command(subparsers) -> None:
                         help="trained weights for a learned re-ranker, which then takes part")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--no-train", action="store_true",
-                        help="skip the brief CPU training of a small LoCoRE and a small AMES (their rows are then left out)")
+                        help="skip the brief CPU training of the small learned re-rankers (their rows are then left out)")
     parser.set_defaults(run=lambda args: _guarded(_run_demo, args))
 
 
