@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import count_blocks, load_strict, save_directory
 from locore_plugin.hookspecs import hookimpl
+from locore_plugin.nn import SelfAttention, l2_normalize
 from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads
 
 # conf/model/ames.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768, CVNet: 1024).
@@ -92,8 +93,8 @@ class BinarizationLayer(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, d_model, nhead, dim_feedforward, activation, normalize_before):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
+        self.self_attn = SelfAttention(d_model, nhead)
+        self.cross_attn = SelfAttention(d_model, nhead)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -102,12 +103,12 @@ class DecoderLayer(nn.Module):
         self.activation = _ACTIVATIONS[activation]
         self.normalize_before = normalize_before
 
-    def forward(self, x, sa_mask, ca_mask, padding):
+    def forward(self, x, padding, within, across):
         def sa(y):
-            return self.self_attn(y, y, y, attn_mask=sa_mask, key_padding_mask=padding, need_weights=False)[0]
+            return self.self_attn.forward_blocks(y, padding, within)
 
         def ca(y):
-            return self.cross_attn(y, y, y, attn_mask=ca_mask, key_padding_mask=padding, need_weights=False)[0]
+            return self.cross_attn.forward_blocks(y, padding, across)
 
         def ff(y):
             return self.linear2(self.activation(self.linear1(y)))
@@ -132,12 +133,12 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(config["model_dim"]) if config["normalize_before"] else None
         self.gradient_checkpointing = False  # recompute each layer in backward (training memory)
 
-    def forward(self, x, sa_mask, ca_mask, padding):
+    def forward(self, x, padding, within, across):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, sa_mask, ca_mask, padding, use_reentrant=False)
+                x = checkpoint(layer, x, padding, within, across, use_reentrant=False)
             else:
-                x = layer(x, sa_mask, ca_mask, padding)
+                x = layer(x, padding, within, across)
         return x if self.norm is None else self.norm(x)
 
 
@@ -165,26 +166,27 @@ class AMES(nn.Module):
         self.decoder.gradient_checkpointing = True
 
     def forward(self, src_local, src_mask, tgt_local, tgt_mask):
-        src = self.remap_local(_normalize(src_local))
-        tgt = self.remap_local(_normalize(tgt_local))
+        src = self.remap_local(l2_normalize(src_local))
+        tgt = self.remap_local(l2_normalize(tgt_local))
         if not self.training and not self.binarized:
             tgt = tgt.half().to(src.dtype)  # the official evaluation's half-precision database
         batch, q, t = src.shape[0], src.shape[1], tgt.shape[1]
         tokens = torch.cat([self.mtc_token.expand(batch, 1, -1), src, tgt], 1)
         padding = torch.cat([src_mask.new_zeros(batch, 1), src_mask, tgt_mask], 1)
-        # True = not allowed. The MTC token (row and column 0) sees and is seen by everything.
-        position = torch.arange(1 + q + t, device=tokens.device)
-        side = (position > 0).long() + (position > q).long()  # 0 = MTC, 1 = query, 2 = database
-        across = (side[:, None] * side[None, :]) == 2  # query <-> database
-        within = (side[:, None] == side[None, :]) & (side[:, None] > 0)  # query <-> query, database <-> database
-        x = self.decoder(tokens, sa_mask=across, ca_mask=within, padding=padding)
+        x = self.decoder(tokens, padding, *attention_blocks(q, t, tokens.device))
         return self.classifier(x[:, 0]).view(-1)
 
 
-def _normalize(x):
-    """L2 normalisation computed in float32: in float16 the official eps (1e-12) underflows and the
-    zero padding would become NaN."""
-    return F.normalize(x.float(), p=2, dim=-1).to(x.dtype)
+def attention_blocks(q: int, t: int, device) -> tuple[list, list]:
+    """The official masks of ``[MTC, q query tokens, t database tokens]`` as blocks of
+    (query rows, allowed keys): the MTC token sees everything in both attentions; "self" attention
+    keeps each image's tokens to their own image (and the MTC), "cross" attention to the other's."""
+    every = torch.arange(1 + q + t, device=device)
+    mtc, query, database = every[:1], every[1 : 1 + q], every[1 + q :]
+    rows = (slice(0, 1), slice(1, 1 + q), slice(1 + q, 1 + q + t))
+    within = [(rows[0], every), (rows[1], torch.cat([mtc, query])), (rows[2], torch.cat([mtc, database]))]
+    across = [(rows[0], every), (rows[1], torch.cat([mtc, database])), (rows[2], torch.cat([mtc, query]))]
+    return within, across
 
 
 def _official_init(m):

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import count_blocks, load_strict, save_directory
 from locore_plugin.hookspecs import hookimpl
+from locore_plugin.nn import SelfAttention, allowed_keys, l2_normalize
 from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads
 
 # RRT_GLD/models/ingredient.py, named config RRT (seq_len and dim_K only served the unused Linformer).
@@ -74,7 +75,7 @@ def scale_index(scales: torch.Tensor) -> torch.Tensor:
 class EncoderLayer(nn.Module):
     def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, normalize_before):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = SelfAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -85,9 +86,9 @@ class EncoderLayer(nn.Module):
         self.activation = _ACTIVATIONS[activation]
         self.normalize_before = normalize_before
 
-    def forward(self, x, padding):
+    def forward(self, x, allowed):
         def sa(y):
-            return self.dropout1(self.self_attn(y, y, y, key_padding_mask=padding, need_weights=False)[0])
+            return self.dropout1(self.self_attn(y, allowed))
 
         def ff(y):
             return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(y)))))
@@ -110,12 +111,12 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(config["d_model"]) if config["normalize_before"] else None
         self.gradient_checkpointing = False  # recompute each layer in backward (training memory)
 
-    def forward(self, x, padding):
+    def forward(self, x, allowed):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, padding, use_reentrant=False)
+                x = checkpoint(layer, x, allowed, use_reentrant=False)
             else:
-                x = layer(x, padding)
+                x = layer(x, allowed)
         return x if self.norm is None else self.norm(x)
 
 
@@ -144,22 +145,16 @@ class MatchERT(nn.Module):
     def forward(self, src_global, src_local, src_mask, src_scales, tgt_global, tgt_local, tgt_mask, tgt_scales):
         seg = self.seg_encoder.weight
         batch = src_local.shape[0]
-        src_g = _normalize(self.remap(src_global)) + seg[SEGMENTS["query_global"]]
-        tgt_g = _normalize(self.remap(tgt_global)) + seg[SEGMENTS["gallery_global"]]
-        src = _normalize(src_local) + self.scale_encoder(src_scales) + seg[SEGMENTS["query_local"]]
-        tgt = _normalize(tgt_local) + self.scale_encoder(tgt_scales) + seg[SEGMENTS["gallery_local"]]
+        src_g = l2_normalize(self.remap(src_global)) + seg[SEGMENTS["query_global"]]
+        tgt_g = l2_normalize(self.remap(tgt_global)) + seg[SEGMENTS["gallery_global"]]
+        src = l2_normalize(src_local) + self.scale_encoder(src_scales) + seg[SEGMENTS["query_local"]]
+        tgt = l2_normalize(tgt_local) + self.scale_encoder(tgt_scales) + seg[SEGMENTS["gallery_local"]]
         cls = seg[SEGMENTS["cls"]].expand(batch, 1, -1)
         sep = seg[SEGMENTS["sep"]].expand(batch, 1, -1)
         tokens = torch.cat([cls, src_g[:, None], src, sep, tgt_g[:, None], tgt], 1)
         visible = src_mask.new_zeros(batch, 2)
         padding = torch.cat([visible, src_mask, visible, tgt_mask], 1)
-        return self.classifier(self.encoder(tokens, padding)[:, 0]).view(-1)
-
-
-def _normalize(x):
-    """L2 normalisation computed in float32: in float16 the official eps (1e-12) underflows and the
-    zero padding would become NaN."""
-    return F.normalize(x.float(), p=2, dim=-1).to(x.dtype)
+        return self.classifier(self.encoder(tokens, allowed_keys(padding))[:, 0]).view(-1)
 
 
 class RRTReranker(PairwiseReranker):

@@ -1,0 +1,76 @@
+"""Small layers the pair-wise transformers share (AMES, RRT), under the official parameter names.
+
+``SelfAttention`` holds exactly the parameters of ``torch.nn.MultiheadAttention`` (``in_proj_weight``,
+``in_proj_bias``, ``out_proj``), so official checkpoints load into it unchanged, but it computes with
+``scaled_dot_product_attention`` and one boolean mask that callers build once per forward: the
+``nn.MultiheadAttention`` path with a key-padding mask runs a separate masked softmax and batched
+matmuls, several times slower on a CPU. ``forward_blocks`` computes only the allowed blocks of a
+block-structured pattern (AMES's self and cross attention).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over (B, L, D) with ``nn.MultiheadAttention``'s parameters and
+    initialisation; ``allowed`` is a boolean mask broadcastable to (B, heads, L, L), True where a
+    query token may attend to a key token (None: everything)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, float(dropout)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        # nn.MultiheadAttention._reset_parameters, in its order (the random draws match it)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        return self._merge(self._attend(q, k, v, allowed))
+
+    def forward_blocks(self, x: torch.Tensor, padding: torch.Tensor, blocks) -> torch.Tensor:
+        """The same attention when the allowed pattern is block-structured: ``blocks`` is a list of
+        (rows, keys), a slice of query positions (covering 0..L-1 in order) and the index tensor
+        of the keys they may attend to; ``padding`` (B, L), True = a padded key. Only the allowed
+        blocks are computed: for AMES's cross attention between a 600-local query and a 50-local
+        database image, a seventh of the full L x L products."""
+        q, k, v = self._heads(x)
+        outputs = []
+        for rows, keys in blocks:
+            allowed = ~padding.index_select(1, keys)[:, None, None, :]
+            outputs.append(self._attend(q[:, :, rows], k.index_select(2, keys), v.index_select(2, keys), allowed))
+        return self._merge(torch.cat(outputs, 2))
+
+    def _heads(self, x):
+        batch, length, _ = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, length, 3, self.heads, -1)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
+
+    def _attend(self, q, k, v, allowed):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+
+    def _merge(self, out):
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def allowed_keys(padding: torch.Tensor) -> torch.Tensor:
+    """The ``allowed`` mask (B, 1, 1, L) of ``SelfAttention`` from an official key-padding mask
+    (B, L), True = padding."""
+    return ~padding[:, None, None, :]
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """L2 normalisation computed in float32: in float16 the official eps (1e-12) underflows and the
+    zero padding would become NaN."""
+    return F.normalize(x.float(), p=2, dim=-1).to(x.dtype)
