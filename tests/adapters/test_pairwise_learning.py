@@ -51,8 +51,8 @@ def test_overfits_a_handful_of_lists_and_then_ranks_them_by_its_logit(name, list
 # (recipe, the options that rank by the method's own score, Medium points above global required,
 # measured when the recipe was written: the own score's Medium on world 0 against global 56.7)
 CPU_RECIPES = {
-    "train_cpu_smoke_ames.toml": ({"fusion": None}, 10.0),  # measured 86.9
-    "train_cpu_smoke_r2former.toml": ({}, 10.0),  # measured 91.3
+    "train_cpu_smoke_ames.toml": ({"fusion": None}, 10.0),  # measured 84.3
+    "train_cpu_smoke_r2former.toml": ({}, 10.0),  # measured 90.9
     "train_cpu_smoke_elvis.toml": ({"fusion": None}, 10.0),  # measured 90.1
 }
 
