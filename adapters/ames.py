@@ -18,10 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from locore_plugin.checkpoints import count_blocks, load_strict, save_directory
+from locore_plugin.checkpoints import count_blocks, save_directory
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.nn import SelfAttention, l2_normalize
-from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads
+from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads, loaded
 
 # conf/model/ames.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768, CVNet: 1024).
 _OFFICIAL = dict(model_dim=128, nhead=2, num_encoder_layers=5, dim_feedforward=1024, activation="relu",
@@ -50,6 +50,9 @@ DESCRIPTIONS = {
     "ames-768": "AMES* (LoCoRE supplementary): AMES with 768 hidden size on DINOv2 local descriptors",
 }
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+# The shared pair-wise options this method sets apart from their defaults: the official README
+# run's 600 query and 50 database locals (truncation keeps the highest detector weights).
+RUNTIME = dict(query_length=600, gallery_length=50, batch_size=128)
 # Our config keys are the official constructor's own names; ``data_root`` only locates the ITQ
 # file that initialises the binarisation layer, whose trained matrix every checkpoint holds.
 IGNORED_OFFICIAL = ("data_root",)
@@ -216,28 +219,18 @@ class AMESReranker(PairwiseReranker):
         save_directory(directory, self.module, {"method": "ames", "model": self.module.config})
 
 
-def build_ames(
-    name: str,
-    checkpoint=None,
-    pretrained: bool = True,
-    config: Optional[dict] = None,
-    query_length: int = 600,
-    gallery_length: int = 50,
-    fusion="default",
-    top_k: Optional[int] = None,
-    device="cpu",
-    dtype="float32",
-    batch_size: int = 128,
-    variable_locals: Optional[int] = None,
-    verbose: int = 0,
-) -> AMESReranker:
+def build_ames(name: str, checkpoint=None, pretrained: bool = True, config: Optional[dict] = None, fusion="default",
+               **options) -> AMESReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
     A bare official file sizes the model from its tensors (depth, widths, local dimension,
     pre-norm, binarisation); ``nhead`` and ``activation``, which no tensor shows, come from
     ``config`` or the named variant. ``config`` overrides architecture keys under the official
     ``AMES(...)`` keyword names; ``fusion`` is (lambda, gamma), ``"default"`` for the official
-    value of this descriptor type, or None for the logit alone."""
+    value of this descriptor type, or None for the logit alone.
+    ``options`` are the shared :class:`~locore_plugin.pairwise.PairwiseReranker` options
+    (``query_length``, ``gallery_length``, ``top_k``, ``device``, ``dtype``, ``batch_size``,
+    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``."""
     settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "pavelsuma/ames",
                                    sizes_from_state=sizes_from_state, ignored=IGNORED_OFFICIAL)
     if settings["activation"] not in _ACTIVATIONS:
@@ -250,21 +243,8 @@ def build_ames(
             f"differ); use {'/'.join(n for n, c in CONFIGS.items() if c['binarized'] == settings['binarized'])}"
         )
     check_heads(name, settings["model_dim"], settings["nhead"], "model_dim", "nhead")
-    module = AMES(settings)
-    if state is not None:
-        load_strict(module, state, source=str(checkpoint))
-    return AMESReranker(
-        module,
-        query_length=query_length,
-        gallery_length=gallery_length,
-        fusion=FUSION[name] if fusion == "default" else fusion,
-        top_k=top_k,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        variable_locals=variable_locals,
-        verbose=verbose,
-    )
+    return AMESReranker(loaded(AMES(settings), state, checkpoint), fusion=FUSION[name] if fusion == "default" else fusion,
+                        **{**RUNTIME, **options})
 
 
 @hookimpl

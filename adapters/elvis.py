@@ -25,14 +25,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from locore_plugin.checkpoints import load_strict, save_directory
+from locore_plugin.checkpoints import save_directory
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.pairwise import PairwiseReranker, architecture
+from locore_plugin.nn import xavier_init
+from locore_plugin.pairwise import PairwiseReranker, architecture, loaded
 
 # conf/model/elvis.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768).
 CONFIGS = {
     "elvis-dinov2": dict(local_dim=768, model_dim=128, embed_dim=16, proj_dim=64, num_classes=1, sh_iter=10, sh_temp=10.0),
 }
+# The shared pair-wise options this method sets apart from their defaults (conf/dataset/test_dataset.yaml:
+# 600 query and 600 database locals).
+RUNTIME = dict(query_length=600, gallery_length=600, batch_size=128)
 # (lambda, temperature) of the ensemble, conf/dataset/test_dataset.yaml.
 FUSION = {"elvis-dinov2": (0.5, 0.5)}
 DESCRIPTIONS = {"elvis-dinov2": "ELViS (ICLR 2026) optimal-transport matching of DINOv2 local descriptors"}
@@ -102,7 +106,7 @@ class Elvis(nn.Module):
         self.dust_bin = nn.Parameter(torch.tensor(1.0))
         # The official MLP is Linear(128, 128): the model width of every official config.
         self.dust_bin_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1), nn.Tanh())
-        self.apply(_official_init)
+        xavier_init(self)  # the official _init_weights
 
     def forward(self, src_local, src_mask, tgt_local, tgt_mask):
         src = F.normalize(self.remap_local(src_local), p=2, dim=-1)
@@ -120,16 +124,6 @@ class Elvis(nn.Module):
         if self.training:
             score = self.g(score)
         return score.view(-1)
-
-
-def _official_init(m):
-    """The official ``_init_weights`` (xavier-uniform Linear weights, zero biases, unit LayerNorm)."""
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 class ElvisReranker(PairwiseReranker):
@@ -151,47 +145,24 @@ class ElvisReranker(PairwiseReranker):
         save_directory(directory, self.module, {"method": self.name or "elvis", "model": self.module.config})
 
 
-def build_elvis(
-    name: str,
-    checkpoint=None,
-    pretrained: bool = True,
-    config: Optional[dict] = None,
-    query_length: int = 600,
-    gallery_length: int = 600,
-    fusion="default",
-    top_k: Optional[int] = None,
-    device="cpu",
-    dtype="float32",
-    batch_size: int = 128,
-    variable_locals: Optional[int] = None,
-    verbose: int = 0,
-) -> ElvisReranker:
+def build_elvis(name: str, checkpoint=None, pretrained: bool = True, config: Optional[dict] = None, fusion="default",
+                **options) -> ElvisReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init. A
     bare file sizes the model from its tensors; ``sh_iter`` and ``sh_temp`` come from ``config``
     (official ``Elvis(...)`` keyword names) or the named variant. ``fusion`` is (lambda,
     temperature), ``"default"`` for the official (0.5, 0.5), or None for the score alone; the
-    official evaluation uses 600 query and 600 database locals."""
+    official evaluation uses 600 query and 600 database locals.
+    ``options`` are the shared :class:`~locore_plugin.pairwise.PairwiseReranker` options
+    (``query_length``, ``gallery_length``, ``top_k``, ``device``, ``dtype``, ``batch_size``,
+    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``."""
     settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "pavelsuma/ELViS",
                                    sizes_from_state=sizes_from_state, fixed=FIXED_OFFICIAL, ignored=IGNORED_OFFICIAL)
     for key in ("sh_iter", "sh_temp"):
         if not settings[key] > 0:
             raise ValueError(f"{name}: {key} must be > 0, got {settings[key]}")
-    module = Elvis(settings)
-    if state is not None:
-        load_strict(module, state, source=str(checkpoint))
-    return ElvisReranker(
-        module,
-        query_length=query_length,
-        gallery_length=gallery_length,
-        fusion=FUSION[name] if fusion == "default" else fusion,
-        top_k=top_k,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        variable_locals=variable_locals,
-        verbose=verbose,
-    )
+    return ElvisReranker(loaded(Elvis(settings), state, checkpoint), fusion=FUSION[name] if fusion == "default" else fusion,
+                         **{**RUNTIME, **options})
 
 
 @hookimpl

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locore_plugin.checkpoints import count_blocks, load_strict, read_checkpoint, read_state_dict, save_directory
+from locore_plugin.checkpoints import count_blocks, read_checkpoint, read_state_dict, save_directory
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.pairwise import PairwiseReranker, architecture
+from locore_plugin.nn import xavier_init
+from locore_plugin.pairwise import PairwiseReranker, architecture, loaded
 
 
 @dataclass(frozen=True)
@@ -179,13 +180,7 @@ class R2Former(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.cls_token_2, std=0.02)
         nn.init.normal_(self.decoder_pos_embed[:, 1:], std=0.01)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_init(self)
 
     def fusion_weight(self) -> float:
         """The learned weight of the global similarity in the official ``final_score``."""
@@ -287,6 +282,9 @@ def read_r2former_checkpoint(checkpoint) -> tuple[Optional[dict], dict[str, torc
 
 
 # -- the re-ranker --------------------------------------------------------------------------------
+
+# The shared pair-wise options this method sets apart from their defaults (the official 500 locals).
+RUNTIME = dict(query_length=500, gallery_length=500, batch_size=100)
 
 
 class R2FormerReranker(PairwiseReranker):
@@ -407,29 +405,11 @@ def build_module(name: str, checkpoint=None, config: Optional[dict] = None, pret
         sizes_from_state=sizes_from_state, official_names=OFFICIAL_NAMES, fixed=FIXED_OFFICIAL,
         ignored=IGNORED_OFFICIAL, read=read_r2former_checkpoint,
     )
-    module = R2Former(R2FormerConfig.from_dict(settings))
-    if state is not None:
-        load_strict(module, state, source=str(checkpoint))
-    return module
+    return loaded(R2Former(R2FormerConfig.from_dict(settings)), state, checkpoint)
 
 
-def build_r2former(
-    name: str,
-    checkpoint: Union[str, Path, None] = None,
-    pretrained: bool = True,
-    config: Optional[dict] = None,
-    query_length: int = 500,
-    gallery_length: int = 500,
-    fusion=None,
-    top_k: Optional[int] = None,
-    negatives_per_query: int = 10,
-    xy_scale: Optional[float] = None,
-    device="cpu",
-    dtype="float32",
-    batch_size: int = 100,
-    variable_locals: Optional[int] = None,
-    verbose: int = 0,
-) -> R2FormerReranker:
+def build_r2former(name: str, checkpoint: Union[str, Path, None] = None, pretrained: bool = True,
+                   config: Optional[dict] = None, **options) -> R2FormerReranker:
     """``checkpoint``: an official file (bare, ``Reranker.``-nested or a whole-model state dict;
     ``.pth`` or ``.safetensors``) or a ``save_pretrained`` folder; ``pretrained=False`` starts
     from the official random init. A bare file sizes the model from its tensors (width, both
@@ -439,21 +419,11 @@ def build_r2former(
     (rank by softmax[:, 1], as the official evaluation), ``"official"`` (the official
     ``final_score``) or (weight, temperature). ``top_k``: re-rank only the first k (officially 100).
     ``negatives_per_query``: hard negatives per positive in training (official 10). ``xy_scale``
-    divides the ``xy`` column first, for files that hold pixel positions (the longer image side)."""
-    return R2FormerReranker(
-        build_module(name, checkpoint, config, pretrained),
-        query_length=query_length,
-        gallery_length=gallery_length,
-        fusion=fusion,
-        top_k=top_k,
-        negatives_per_query=negatives_per_query,
-        xy_scale=xy_scale,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        variable_locals=variable_locals,
-        verbose=verbose,
-    )
+    divides the ``xy`` column first, for files that hold pixel positions (the longer image side).
+    ``options`` are the shared :class:`~locore_plugin.pairwise.PairwiseReranker` options
+    (``query_length``, ``gallery_length``, ``top_k``, ``device``, ``dtype``, ``batch_size``,
+    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``."""
+    return R2FormerReranker(build_module(name, checkpoint, config, pretrained), **{**RUNTIME, **options})
 
 
 DESCRIPTIONS = {

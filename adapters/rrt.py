@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from locore_plugin.checkpoints import count_blocks, load_strict, save_directory
+from locore_plugin.checkpoints import count_blocks, save_directory
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.nn import SelfAttention, allowed_keys, l2_normalize
-from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads
+from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads, loaded
 
 # RRT_GLD/models/ingredient.py, named config RRT (seq_len and dim_K only served the unused Linformer).
 CONFIGS = {
@@ -47,6 +47,8 @@ DESCRIPTIONS = {
 SCALES = (0.5, 0.70710677, 1.0, 1.41421354, 2.0, 2.82842708, 4.0)
 SEGMENTS = {"query_local": 0, "gallery_local": 1, "cls": 2, "sep": 3, "query_global": 4, "gallery_global": 5}
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+# The shared pair-wise options this method sets apart from their defaults (the official 500 locals).
+RUNTIME = dict(query_length=500, gallery_length=500, batch_size=64)
 # What the ``scale`` column holds: DELG scale values (binned as above), or the scale-pyramid level
 # the AMES-format files store (``scale_enc``: 0 for single-scale DINOv2), used as the bin itself.
 SCALE_COLUMNS = ("value", "index")
@@ -202,22 +204,8 @@ class RRTReranker(PairwiseReranker):
         save_directory(directory, self.module, {"method": "rrt", "model": self.module.config})
 
 
-def build_rrt(
-    name: str,
-    checkpoint=None,
-    pretrained: bool = True,
-    config: Optional[dict] = None,
-    query_length: int = 500,
-    gallery_length: int = 500,
-    scale_column: Optional[str] = None,
-    fusion: Optional[tuple[float, float]] = None,
-    top_k: Optional[int] = None,
-    device="cpu",
-    dtype="float32",
-    batch_size: int = 64,
-    variable_locals: Optional[int] = None,
-    verbose: int = 0,
-) -> RRTReranker:
+def build_rrt(name: str, checkpoint=None, pretrained: bool = True, config: Optional[dict] = None,
+              scale_column: Optional[str] = None, **options) -> RRTReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
     A bare official file sizes the model from its tensors (depth, widths, global dimension,
@@ -226,29 +214,19 @@ def build_rrt(
     ``MatchERT(...)`` (or ingredient) keyword names. ``fusion=(weight, temperature)``
     ranks by the ensemble with the global similarity; None (the official behaviour) by the logit.
     ``scale_column``: "value" (DELG scales, the default of ``rrt``) or "index" (a pyramid-level
-    index as in the AMES-format files, the default of ``rrt-768``)."""
+    index as in the AMES-format files, the default of ``rrt-768``).
+    ``options`` are the shared :class:`~locore_plugin.pairwise.PairwiseReranker` options
+    (``query_length``, ``gallery_length``, ``top_k``, ``device``, ``dtype``, ``batch_size``,
+    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``."""
     settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "uvavision/RerankingTransformer",
                                    sizes_from_state=sizes_from_state, official_names=OFFICIAL_NAMES,
                                    ignored=IGNORED_OFFICIAL)
     if settings["activation"] not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {settings['activation']!r}")
     check_heads(name, settings["d_model"], settings["nhead"], "d_model", "nhead")
-    module = MatchERT(settings)
-    if state is not None:
-        load_strict(module, state, source=str(checkpoint))
-    return RRTReranker(
-        module,
-        scale_column=DEFAULT_SCALE_COLUMN[name] if scale_column is None else scale_column,
-        query_length=query_length,
-        gallery_length=gallery_length,
-        fusion=fusion,
-        top_k=top_k,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        variable_locals=variable_locals,
-        verbose=verbose,
-    )
+    return RRTReranker(loaded(MatchERT(settings), state, checkpoint),
+                       scale_column=DEFAULT_SCALE_COLUMN[name] if scale_column is None else scale_column,
+                       **{**RUNTIME, **options})
 
 
 @hookimpl

@@ -74,3 +74,16 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """L2 normalisation computed in float32: in float16 the official eps (1e-12) underflows and the
     zero padding would become NaN."""
     return F.normalize(x.float(), p=2, dim=-1).to(x.dtype)
+
+
+def xavier_init(module: nn.Module) -> None:
+    """The ViT-style initialisation of the official R2Former and ELViS code, applied to ``module``
+    and its children: xavier-uniform Linear weights, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import read_checkpoint
+from .checkpoints import load_strict, read_checkpoint
 from .features import ImageFeatures, stack_globals, stack_locals
 from .fusion import fuse_scores
 from .interface import RerankResult, TrainableReranker, ranked
@@ -276,6 +276,13 @@ def _our_names(name, overrides, ours, official_names, fixed, ignored) -> dict:
                 raise ValueError(f"{name}: config gives {target!r} twice (under its own and its official name)")
             translated[target] = value
     return translated
+
+
+def loaded(module: torch.nn.Module, state: Optional[dict], checkpoint) -> torch.nn.Module:
+    """``module`` with the checkpoint's tensors loaded strictly (as it is without a checkpoint)."""
+    if state is not None:
+        load_strict(module, state, source=str(checkpoint))
+    return module
 
 
 def check_heads(name: str, width: int, heads: int, width_key: str, heads_key: str) -> None:
