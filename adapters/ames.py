@@ -184,11 +184,11 @@ def attention_blocks(q: int, t: int, device) -> tuple[list, list]:
     """The official masks of ``[MTC, q query tokens, t database tokens]`` as blocks of
     (query rows, allowed keys): the MTC token sees everything in both attentions; "self" attention
     keeps each image's tokens to their own image (and the MTC), "cross" attention to the other's."""
-    every = torch.arange(1 + q + t, device=device)
-    mtc, query, database = every[:1], every[1 : 1 + q], every[1 + q :]
+    every, mtc_and_query = slice(0, 1 + q + t), slice(0, 1 + q)  # contiguous: no copy of the keys
+    mtc_and_database = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + q, 1 + q + t)]).to(device)
     rows = (slice(0, 1), slice(1, 1 + q), slice(1 + q, 1 + q + t))
-    within = [(rows[0], every), (rows[1], torch.cat([mtc, query])), (rows[2], torch.cat([mtc, database]))]
-    across = [(rows[0], every), (rows[1], torch.cat([mtc, database])), (rows[2], torch.cat([mtc, query]))]
+    within = [(rows[0], every), (rows[1], mtc_and_query), (rows[2], mtc_and_database)]
+    across = [(rows[0], every), (rows[1], mtc_and_database), (rows[2], mtc_and_query)]
     return within, across
 
 

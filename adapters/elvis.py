@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from locore_plugin.checkpoints import save_directory
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.nn import xavier_init
+from locore_plugin.nn import is_layer_norm_eps_1e6, xavier_init
 from locore_plugin.pairwise import PairwiseReranker, architecture, loaded
 
 # conf/model/elvis.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768).
@@ -44,14 +44,8 @@ DESCRIPTIONS = {"elvis-dinov2": "ELViS (ICLR 2026) optimal-transport matching of
 IGNORED_OFFICIAL = ("desc_name", "pretrained")
 FIXED_OFFICIAL = {
     "binarized": (lambda v: v is False, "False (the full-precision model; the binarised one is not ported)"),
-    "norm_layer": (lambda v: _is_official_norm(v), "LayerNorm with eps=1e-6"),
+    "norm_layer": (is_layer_norm_eps_1e6, "LayerNorm with eps=1e-6"),
 }
-
-
-def _is_official_norm(value) -> bool:
-    if isinstance(value, functools.partial):
-        return value.func is nn.LayerNorm and value.keywords == {"eps": 1e-6} and not value.args
-    return isinstance(value, str) and value.replace(" ", "") in ("partial(nn.LayerNorm,eps=1e-6)", "partial(nn.LayerNorm,eps=1e-06)")
 
 
 def sizes_from_state(state: dict) -> dict:

@@ -26,7 +26,7 @@ from torch import nn
 
 from locore_plugin.checkpoints import count_blocks, read_checkpoint, read_state_dict, save_directory
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.nn import xavier_init
+from locore_plugin.nn import is_layer_norm_eps_1e6, xavier_init
 from locore_plugin.pairwise import PairwiseReranker, architecture, loaded
 
 
@@ -372,16 +372,9 @@ OFFICIAL_NAMES = {
 }
 FIXED_OFFICIAL = {
     "num_classes": (lambda v: v == 2, "2 (the two-class head whose softmax[:, 1] is the score)"),
-    "decoder_norm_layer": (lambda v: _is_official_norm(v), "LayerNorm with eps=1e-6, as GeoLocalizationNetRerank builds it"),
+    "decoder_norm_layer": (is_layer_norm_eps_1e6, "LayerNorm with eps=1e-6, as GeoLocalizationNetRerank builds it"),
 }
 IGNORED_OFFICIAL = ("img_size", "embed_dim")  # recorded by the official module, size nothing
-
-
-def _is_official_norm(value) -> bool:
-    """``partial(nn.LayerNorm, eps=1e-6)``, given as that object or as the text a config file records."""
-    if isinstance(value, functools.partial):
-        return value.func is nn.LayerNorm and value.keywords == {"eps": 1e-6} and not value.args
-    return isinstance(value, str) and value.replace(" ", "") in ("partial(nn.LayerNorm,eps=1e-6)", "partial(nn.LayerNorm,eps=1e-06)")
 
 
 def sizes_from_state(state: dict) -> dict:

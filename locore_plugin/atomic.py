@@ -30,7 +30,10 @@ def set_aside(path: Union[str, Path], error: BaseException) -> Path:
 
     path = Path(path)
     aside = path.with_name(path.name + ".corrupt")
-    os.replace(path, aside)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another process (a data-parallel rank) set it aside first
+        pass
     print(f"locore-plugin: {path} is unreadable ({type(error).__name__}: {error}); set aside as {aside.name}, "
           "recomputing it", file=sys.stderr)
     return aside

@@ -9,7 +9,8 @@ block-structured pattern (AMES's self and cross attention).
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +41,15 @@ class SelfAttention(nn.Module):
 
     def forward_blocks(self, x: torch.Tensor, padding: torch.Tensor, blocks) -> torch.Tensor:
         """The same attention when the allowed pattern is block-structured: ``blocks`` is a list of
-        (rows, keys), a slice of query positions (covering 0..L-1 in order) and the index tensor
-        of the keys they may attend to; ``padding`` (B, L), True = a padded key. Only the allowed
-        blocks are computed: for AMES's cross attention between a 600-local query and a 50-local
-        database image, a seventh of the full L x L products."""
+        (rows, keys), a slice of query positions (covering 0..L-1 in order) and the keys they may
+        attend to (a slice, taken without a copy, or an index tensor); ``padding`` (B, L), True = a
+        padded key. Only the allowed blocks are computed: for AMES's cross attention between a
+        600-local query and a 50-local database image, a seventh of the full L x L products."""
         q, k, v = self._heads(x)
         outputs = []
         for rows, keys in blocks:
-            allowed = ~padding.index_select(1, keys)[:, None, None, :]
-            outputs.append(self._attend(q[:, :, rows], k.index_select(2, keys), v.index_select(2, keys), allowed))
+            allowed = ~_take(padding, keys, 1)[:, None, None, :]
+            outputs.append(self._attend(q[:, :, rows], _take(k, keys, 2), _take(v, keys, 2), allowed))
         return self._merge(torch.cat(outputs, 2))
 
     def _heads(self, x):
@@ -62,6 +63,10 @@ class SelfAttention(nn.Module):
     def _merge(self, out):
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def _take(t: torch.Tensor, keys: Union[slice, torch.Tensor], dim: int) -> torch.Tensor:
+    return t[(slice(None),) * dim + (keys,)] if isinstance(keys, slice) else t.index_select(dim, keys)
 
 
 def allowed_keys(padding: torch.Tensor) -> torch.Tensor:
@@ -87,3 +92,11 @@ def xavier_init(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def is_layer_norm_eps_1e6(value) -> bool:
+    """Whether an official ``norm_layer`` argument is ``partial(nn.LayerNorm, eps=1e-6)`` (the one the
+    R2Former and ELViS ports implement), given as that object or as the text a config file records."""
+    if isinstance(value, functools.partial):
+        return value.func is nn.LayerNorm and value.keywords == {"eps": 1e-6} and not value.args
+    return isinstance(value, str) and value.replace(" ", "") in ("partial(nn.LayerNorm,eps=1e-6)", "partial(nn.LayerNorm,eps=1e-06)")

@@ -23,3 +23,14 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_set_aside_keeps_the_entry_and_tolerates_a_rank_that_was_first(tmp_path, capsys):
+    from locore_plugin.atomic import set_aside
+
+    entry = tmp_path / "cache.json"
+    entry.write_text("{trunc")
+    assert set_aside(entry, ValueError("bad")) == tmp_path / "cache.json.corrupt"
+    assert not entry.exists() and (tmp_path / "cache.json.corrupt").read_text() == "{trunc"
+    assert "cache.json is unreadable (ValueError: bad)" in capsys.readouterr().err
+    set_aside(entry, ValueError("bad"))  # already moved by another process: no error
