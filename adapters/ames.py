@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import count_blocks, save_directory
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.nn import SelfAttention, l2_normalize
+from locore_plugin.nn import ATTENTION_IMPLEMENTATIONS, FUSED, SelfAttention, l2_normalize, set_attention_implementation
 from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads, loaded
 
 # conf/model/ames.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768, CVNet: 1024).
@@ -52,7 +52,7 @@ DESCRIPTIONS = {
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 # The shared pair-wise options this method sets apart from their defaults: the official README
 # run's 600 query and 50 database locals (truncation keeps the highest detector weights).
-RUNTIME = dict(query_length=600, gallery_length=50, batch_size=128)
+RUNTIME = dict(query_length=600, gallery_length=50)
 # Our config keys are the official constructor's own names; ``data_root`` only locates the ITQ
 # file that initialises the binarisation layer, whose trained matrix every checkpoint holds.
 IGNORED_OFFICIAL = ("data_root",)
@@ -108,10 +108,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, padding, within, across):
         def sa(y):
-            return self.self_attn.forward_blocks(y, padding, within)
+            return self.self_attn(y, padding=padding, blocks=within)
 
         def ca(y):
-            return self.cross_attn.forward_blocks(y, padding, across)
+            return self.cross_attn(y, padding=padding, blocks=across)
 
         def ff(y):
             return self.linear2(self.activation(self.linear1(y)))
@@ -206,6 +206,7 @@ class AMESReranker(PairwiseReranker):
     """AMES scores each (query, shortlist item) pair from their local descriptors alone."""
 
     columns = ()
+    exact_without_padding = True  # no positions; padded tokens are masked keys
     needs_global = False
 
     def __init__(self, module: AMES, **kwargs):
@@ -220,7 +221,7 @@ class AMESReranker(PairwiseReranker):
 
 
 def build_ames(name: str, checkpoint=None, pretrained: bool = True, config: Optional[dict] = None, fusion="default",
-               **options) -> AMESReranker:
+               attn_implementation: str = FUSED, **options) -> AMESReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
     A bare official file sizes the model from its tensors (depth, widths, local dimension,
@@ -230,7 +231,9 @@ def build_ames(name: str, checkpoint=None, pretrained: bool = True, config: Opti
     value of this descriptor type, or None for the logit alone.
     ``options`` are the shared :class:`~locore_plugin.pairwise.PairwiseReranker` options
     (``query_length``, ``gallery_length``, ``top_k``, ``device``, ``dtype``, ``batch_size``,
-    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``."""
+    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``.
+    ``attn_implementation``: ``"sdpa"`` (fused attention, the default) or ``"reference"``
+    (``nn.MultiheadAttention``'s own forward, for equivalence checks and ``locore-plugin bench``)."""
     settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "pavelsuma/ames",
                                    sizes_from_state=sizes_from_state, ignored=IGNORED_OFFICIAL)
     if settings["activation"] not in _ACTIVATIONS:
@@ -243,8 +246,8 @@ def build_ames(name: str, checkpoint=None, pretrained: bool = True, config: Opti
             f"differ); use {'/'.join(n for n, c in CONFIGS.items() if c['binarized'] == settings['binarized'])}"
         )
     check_heads(name, settings["model_dim"], settings["nhead"], "model_dim", "nhead")
-    return AMESReranker(loaded(AMES(settings), state, checkpoint), fusion=FUSION[name] if fusion == "default" else fusion,
-                        **{**RUNTIME, **options})
+    module = set_attention_implementation(loaded(AMES(settings), state, checkpoint), attn_implementation)
+    return AMESReranker(module, fusion=FUSION[name] if fusion == "default" else fusion, **{**RUNTIME, **options})
 
 
 @hookimpl
@@ -252,4 +255,4 @@ def register_rerankers(register):
     for name in CONFIGS:
         extractor = "dinov2-ames" if "cvnet" not in name else None  # no CVNet extractor is registered
         register(name, functools.partial(build_ames, name), description=DESCRIPTIONS[name], learned=True, inputs="local",
-                 columns=(), extractor=extractor)
+                 columns=(), extractor=extractor, attn_implementations=ATTENTION_IMPLEMENTATIONS)

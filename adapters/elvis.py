@@ -36,7 +36,7 @@ CONFIGS = {
 }
 # The shared pair-wise options this method sets apart from their defaults (conf/dataset/test_dataset.yaml:
 # 600 query and 600 database locals).
-RUNTIME = dict(query_length=600, gallery_length=600, batch_size=128)
+RUNTIME = dict(query_length=600, gallery_length=600)
 # (lambda, temperature) of the ensemble, conf/dataset/test_dataset.yaml.
 FUSION = {"elvis-dinov2": (0.5, 0.5)}
 DESCRIPTIONS = {"elvis-dinov2": "ELViS (ICLR 2026) optimal-transport matching of DINOv2 local descriptors"}

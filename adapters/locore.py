@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import LongformerConfig, LongformerModel
 
-from locore_plugin.attention import FAST, IMPLEMENTATIONS
+from locore_plugin.attention import FAST, IMPLEMENTATIONS, REFERENCE
 from locore_plugin.checkpoints import CONFIG_FILE, WEIGHTS_FILE, load_strict, read_state_dict, save_directory
 from locore_plugin.features import ImageFeatures, stack_globals, stack_locals
 from locore_plugin.hookspecs import hookimpl
@@ -183,6 +183,10 @@ class LocoreModel(nn.Module):
         for layer in self.language_model.longformer.encoder.layer:
             layer.attention.self = ATTENTION_IMPLEMENTATIONS[name](layer.attention.self)
         self.attn_implementation = name
+
+    def attention_layers(self) -> list[nn.Module]:
+        """Each layer's self-attention (what ``locore-plugin bench`` times on its own)."""
+        return [layer.attention.self for layer in self.language_model.longformer.encoder.layer]
 
     def build_inputs(self, query_local, query_scale, query_mask, gallery_local, gallery_scale, gallery_mask,
                      query_global=None, gallery_global=None):
@@ -595,4 +599,5 @@ def register_rerankers(register):
             learned=True,
             inputs="local+global",
             extractor="dinov2-ames",
+            attn_implementations=(REFERENCE, FAST),
         )

@@ -26,7 +26,15 @@ from torch import nn
 
 from locore_plugin.checkpoints import count_blocks, read_checkpoint, read_state_dict, save_directory
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.nn import is_layer_norm_eps_1e6, xavier_init
+from locore_plugin.nn import (
+    ATTENTION_IMPLEMENTATIONS,
+    FUSED,
+    REFERENCE,
+    SwitchableAttention,
+    is_layer_norm_eps_1e6,
+    set_attention_implementation,
+    xavier_init,
+)
 from locore_plugin.pairwise import PairwiseReranker, architecture, loaded
 
 
@@ -80,8 +88,9 @@ CONFIGS = {
 }
 
 
-class Attention(nn.Module):
-    """timm 0.5.4 ``Attention`` (fused qkv with bias), with an optional key mask."""
+class Attention(SwitchableAttention):
+    """timm 0.5.4 ``Attention`` (fused qkv with bias), with an optional key mask; ``"reference"``
+    runs timm's explicit ``softmax(q k^T / sqrt(d)) v``, the default the fused kernel."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -93,7 +102,13 @@ class Attention(nn.Module):
         b, s, c = x.shape
         q, k, v = self.qkv(x).reshape(b, s, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         mask = None if valid is None else valid[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.implementation == REFERENCE:
+            scores = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = scores.softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, s, c))
 
 
@@ -284,7 +299,7 @@ def read_r2former_checkpoint(checkpoint) -> tuple[Optional[dict], dict[str, torc
 # -- the re-ranker --------------------------------------------------------------------------------
 
 # The shared pair-wise options this method sets apart from their defaults (the official 500 locals).
-RUNTIME = dict(query_length=500, gallery_length=500, batch_size=100)
+RUNTIME = dict(query_length=500, gallery_length=500)
 
 
 class R2FormerReranker(PairwiseReranker):
@@ -298,6 +313,8 @@ class R2FormerReranker(PairwiseReranker):
 
     columns = ("xy", "weight")
     needs_global = False
+    exact_without_padding = True  # padded locals are never chosen as correspondences and are masked out
+    accelerator_batch_size = 100
 
     def __init__(self, module: R2Former, *, fusion=None, negatives_per_query: int = 10, xy_scale: Optional[float] = None,
                  **kwargs):
@@ -314,6 +331,7 @@ class R2FormerReranker(PairwiseReranker):
         if min(kwargs["query_length"], kwargs["gallery_length"]) < k:
             raise ValueError(f"query_length and gallery_length must be >= num_corr={k}")
         super().__init__(module, fusion=fusion, **kwargs)
+        self.min_length = k  # top-k correspondences need k slots per image
         self.local_dim = module.config.local_dim
         self.negatives_per_query = int(negatives_per_query)
 
@@ -402,7 +420,7 @@ def build_module(name: str, checkpoint=None, config: Optional[dict] = None, pret
 
 
 def build_r2former(name: str, checkpoint: Union[str, Path, None] = None, pretrained: bool = True,
-                   config: Optional[dict] = None, **options) -> R2FormerReranker:
+                   config: Optional[dict] = None, attn_implementation: str = FUSED, **options) -> R2FormerReranker:
     """``checkpoint``: an official file (bare, ``Reranker.``-nested or a whole-model state dict;
     ``.pth`` or ``.safetensors``) or a ``save_pretrained`` folder; ``pretrained=False`` starts
     from the official random init. A bare file sizes the model from its tensors (width, both
@@ -415,8 +433,11 @@ def build_r2former(name: str, checkpoint: Union[str, Path, None] = None, pretrai
     divides the ``xy`` column first, for files that hold pixel positions (the longer image side).
     ``options`` are the shared :class:`~locore_plugin.pairwise.PairwiseReranker` options
     (``query_length``, ``gallery_length``, ``top_k``, ``device``, ``dtype``, ``batch_size``,
-    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``."""
-    return R2FormerReranker(build_module(name, checkpoint, config, pretrained), **{**RUNTIME, **options})
+    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``.
+    ``attn_implementation``: ``"sdpa"`` (fused attention, the default) or ``"reference"`` (timm's
+    explicit softmax, as the official code), for equivalence checks and ``locore-plugin bench``."""
+    module = set_attention_implementation(build_module(name, checkpoint, config, pretrained), attn_implementation)
+    return R2FormerReranker(module, **{**RUNTIME, **options})
 
 
 DESCRIPTIONS = {
@@ -429,4 +450,4 @@ DESCRIPTIONS = {
 def register_rerankers(register):
     for name in CONFIGS:
         register(name, functools.partial(build_r2former, name), description=DESCRIPTIONS[name], learned=True,
-                 inputs="local", columns=R2FormerReranker.columns)
+                 inputs="local", columns=R2FormerReranker.columns, attn_implementations=ATTENTION_IMPLEMENTATIONS)

@@ -18,7 +18,14 @@ from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import count_blocks, save_directory
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.nn import SelfAttention, allowed_keys, l2_normalize
+from locore_plugin.nn import (
+    ATTENTION_IMPLEMENTATIONS,
+    FUSED,
+    SelfAttention,
+    allowed_keys,
+    l2_normalize,
+    set_attention_implementation,
+)
 from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads, loaded
 
 # RRT_GLD/models/ingredient.py, named config RRT (seq_len and dim_K only served the unused Linformer).
@@ -48,7 +55,7 @@ SCALES = (0.5, 0.70710677, 1.0, 1.41421354, 2.0, 2.82842708, 4.0)
 SEGMENTS = {"query_local": 0, "gallery_local": 1, "cls": 2, "sep": 3, "query_global": 4, "gallery_global": 5}
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 # The shared pair-wise options this method sets apart from their defaults (the official 500 locals).
-RUNTIME = dict(query_length=500, gallery_length=500, batch_size=64)
+RUNTIME = dict(query_length=500, gallery_length=500)
 # What the ``scale`` column holds: DELG scale values (binned as above), or the scale-pyramid level
 # the AMES-format files store (``scale_enc``: 0 for single-scale DINOv2), used as the bin itself.
 SCALE_COLUMNS = ("value", "index")
@@ -164,6 +171,8 @@ class RRTReranker(PairwiseReranker):
 
     columns = ("scale",)
     needs_global = True
+    exact_without_padding = True  # no positions; padded tokens are masked keys
+    accelerator_batch_size = 64
 
     def __init__(self, module: MatchERT, scale_column: str = "value", **kwargs):
         if scale_column not in SCALE_COLUMNS:
@@ -205,7 +214,7 @@ class RRTReranker(PairwiseReranker):
 
 
 def build_rrt(name: str, checkpoint=None, pretrained: bool = True, config: Optional[dict] = None,
-              scale_column: Optional[str] = None, **options) -> RRTReranker:
+              scale_column: Optional[str] = None, attn_implementation: str = FUSED, **options) -> RRTReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
     A bare official file sizes the model from its tensors (depth, widths, global dimension,
@@ -217,14 +226,16 @@ def build_rrt(name: str, checkpoint=None, pretrained: bool = True, config: Optio
     index as in the AMES-format files, the default of ``rrt-768``).
     ``options`` are the shared :class:`~locore_plugin.pairwise.PairwiseReranker` options
     (``query_length``, ``gallery_length``, ``top_k``, ``device``, ``dtype``, ``batch_size``,
-    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``."""
+    ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``.
+    ``attn_implementation``: ``"sdpa"`` (fused attention, the default) or ``"reference"``
+    (``nn.MultiheadAttention``'s own forward, for equivalence checks and ``locore-plugin bench``)."""
     settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "uvavision/RerankingTransformer",
                                    sizes_from_state=sizes_from_state, official_names=OFFICIAL_NAMES,
                                    ignored=IGNORED_OFFICIAL)
     if settings["activation"] not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {settings['activation']!r}")
     check_heads(name, settings["d_model"], settings["nhead"], "d_model", "nhead")
-    return RRTReranker(loaded(MatchERT(settings), state, checkpoint),
+    return RRTReranker(set_attention_implementation(loaded(MatchERT(settings), state, checkpoint), attn_implementation),
                        scale_column=DEFAULT_SCALE_COLUMN[name] if scale_column is None else scale_column,
                        **{**RUNTIME, **options})
 
@@ -232,4 +243,5 @@ def build_rrt(name: str, checkpoint=None, pretrained: bool = True, config: Optio
 @hookimpl
 def register_rerankers(register):
     for name in CONFIGS:
-        register(name, functools.partial(build_rrt, name), description=DESCRIPTIONS[name], learned=True, inputs="global+local", columns=("scale",))
+        register(name, functools.partial(build_rrt, name), description=DESCRIPTIONS[name], learned=True, inputs="global+local",
+                 columns=("scale",), attn_implementations=ATTENTION_IMPLEMENTATIONS)

@@ -1,19 +1,28 @@
 """locore-plugin: image re-ranking (LoCoRE and its baselines) for the rerankers library.
 
-Importing the package connects it to ``rerankers.Reranker`` (see :mod:`locore_plugin.bridge`).
+Importing the package connects it to ``rerankers.Reranker`` (see :mod:`locore_plugin.bridge`):
+at once if rerankers is loaded, else when it is first imported, so that commands that never use
+rerankers do not pay for its backends.
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from . import bridge as _bridge
 from .extractors import ImageExtractor, create_extractor, list_extractors
 from .features import ImageFeatures
 from .hookspecs import hookimpl
 from .interface import ImageReranker, RerankResult, TrainableReranker, ranked
 from .metrics import compute_map
 from .pickles import read_pickle
+from .post_import import when_imported as _when_imported
 from .registry import UnknownNameError, create_reranker, list_rerankers
 
-_bridge.install()
+
+def _install_bridge(rerankers_module) -> None:
+    from .bridge import install
+
+    install()
+
+
+_when_imported("rerankers", _install_bridge)
 
 try:
     __version__ = version("locore-plugin")  # the one place it is written: pyproject.toml

@@ -1,11 +1,16 @@
-"""Small layers the pair-wise transformers share (AMES, RRT), under the official parameter names.
+"""Small layers the pair-wise transformers share (AMES, RRT, R2Former), under the official parameter names.
 
-``SelfAttention`` holds exactly the parameters of ``torch.nn.MultiheadAttention`` (``in_proj_weight``,
-``in_proj_bias``, ``out_proj``), so official checkpoints load into it unchanged, but it computes with
+``SelfAttention`` *is* a ``torch.nn.MultiheadAttention`` (same parameters, initialisation and
+state-dict names, so official checkpoints load into it unchanged) that computes, by default, with
 ``scaled_dot_product_attention`` and one boolean mask that callers build once per forward: the
 ``nn.MultiheadAttention`` path with a key-padding mask runs a separate masked softmax and batched
-matmuls, several times slower on a CPU. ``forward_blocks`` computes only the allowed blocks of a
-block-structured pattern (AMES's self and cross attention).
+matmuls, several times slower on a CPU. It computes only the allowed blocks of a
+block-structured pattern (AMES's self and cross attention) when called with ``blocks``.
+
+Every attention layer here is a :class:`SwitchableAttention`: ``implementation`` is ``"sdpa"``
+(the fused kernel, the default) or ``"reference"`` (what the official code runs: here
+``nn.MultiheadAttention``'s own forward, in R2Former timm's explicit softmax), so that equivalence
+tests and ``locore-plugin bench`` can run both on the same weights.
 """
 from __future__ import annotations
 
@@ -16,35 +21,65 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+REFERENCE, FUSED = "reference", "sdpa"
+ATTENTION_IMPLEMENTATIONS = (REFERENCE, FUSED)  # the reference first: registry metadata ``attn_implementations``
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over (B, L, D) with ``nn.MultiheadAttention``'s parameters and
-    initialisation; ``allowed`` is a boolean mask broadcastable to (B, heads, L, L), True where a
-    query token may attend to a key token (None: everything)."""
+
+class SwitchableAttention(nn.Module):
+    """Marker and switch of an attention layer with a fused and a reference implementation."""
+
+    implementation: str = FUSED
+
+
+def set_attention_implementation(module: nn.Module, name: str) -> nn.Module:
+    """Switch every :class:`SwitchableAttention` inside ``module`` to ``name`` (``"sdpa"`` or ``"reference"``)."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attn_implementation {name!r}; use one of {list(ATTENTION_IMPLEMENTATIONS)}")
+    for layer in module.modules():
+        if isinstance(layer, SwitchableAttention):
+            layer.implementation = name
+    return module
+
+
+def attention_layers(module: nn.Module) -> list[nn.Module]:
+    """The attention layers of ``module`` (what ``locore-plugin bench`` times on their own): those
+    its ``attention_layers()`` method names (a model whose attention comes from another library,
+    e.g. LoCoRE's Longformer), else every :class:`SwitchableAttention` inside it."""
+    if callable(getattr(module, "attention_layers", None)):
+        return list(module.attention_layers())
+    return [m for m in module.modules() if isinstance(m, SwitchableAttention)]
+
+
+class SelfAttention(SwitchableAttention, nn.MultiheadAttention):
+    """Multi-head self-attention over (B, L, D): an ``nn.MultiheadAttention`` (``batch_first``);
+    ``allowed`` is a boolean mask broadcastable to (B, heads, L, L), True where a query token may
+    attend to a key token (None: everything)."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
-        super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.heads, self.dropout = heads, float(dropout)
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-        # nn.MultiheadAttention._reset_parameters, in its order (the random draws match it)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.in_proj_bias)
-        nn.init.zeros_(self.out_proj.bias)
+        super().__init__(dim, heads, dropout=dropout, batch_first=True)
 
-    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None, *, padding: Optional[torch.Tensor] = None,
+                blocks=None) -> torch.Tensor:
+        """``allowed`` (see the class), or, when the allowed pattern is block-structured, ``padding``
+        (B, L), True = a padded key, and ``blocks``, a list of (rows, keys): a slice of query
+        positions (covering 0..L-1 in order) and the keys they may attend to (a slice, taken without
+        a copy, or an index tensor). Only the allowed blocks are computed: for AMES's cross attention
+        between a 600-local query and a 50-local database image, a seventh of the full L x L products."""
+        if blocks is not None:
+            return self._forward_blocks(x, padding, blocks)
+        if self.implementation == REFERENCE:
+            return self._reference(x, *_official_masks(allowed, x.shape[0], self.num_heads, x.shape[1]))
         q, k, v = self._heads(x)
         return self._merge(self._attend(q, k, v, allowed))
 
-    def forward_blocks(self, x: torch.Tensor, padding: torch.Tensor, blocks) -> torch.Tensor:
-        """The same attention when the allowed pattern is block-structured: ``blocks`` is a list of
-        (rows, keys), a slice of query positions (covering 0..L-1 in order) and the keys they may
-        attend to (a slice, taken without a copy, or an index tensor); ``padding`` (B, L), True = a
-        padded key. Only the allowed blocks are computed: for AMES's cross attention between a
-        600-local query and a 50-local database image, a seventh of the full L x L products."""
+    def _forward_blocks(self, x: torch.Tensor, padding: torch.Tensor, blocks) -> torch.Tensor:
+        if self.implementation == REFERENCE:
+            blocked = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device)
+            for rows, keys in blocks:
+                blocked[rows, keys] = False
+            return self._reference(x, padding, blocked)
         q, k, v = self._heads(x)
         outputs = []
         for rows, keys in blocks:
@@ -52,9 +87,14 @@ class SelfAttention(nn.Module):
             outputs.append(self._attend(q[:, :, rows], _take(k, keys, 2), _take(v, keys, 2), allowed))
         return self._merge(torch.cat(outputs, 2))
 
+    def _reference(self, x, key_padding_mask, attn_mask):
+        """``nn.MultiheadAttention.forward`` itself (masks in its convention: True = not allowed)."""
+        return nn.MultiheadAttention.forward(self, x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                             need_weights=False)[0]
+
     def _heads(self, x):
         batch, length, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, length, 3, self.heads, -1)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, length, 3, self.num_heads, -1)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
 
     def _attend(self, q, k, v, allowed):
@@ -63,6 +103,16 @@ class SelfAttention(nn.Module):
     def _merge(self, out):
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def _official_masks(allowed: Optional[torch.Tensor], batch: int, heads: int, length: int):
+    """``allowed`` (True = may attend) as ``nn.MultiheadAttention``'s (key_padding_mask, attn_mask):
+    a per-key mask (B, 1, 1, L) becomes the key padding, anything else a (B * heads, L, L) mask."""
+    if allowed is None:
+        return None, None
+    if allowed.dim() == 4 and allowed.shape[1] == 1 and allowed.shape[2] == 1:
+        return ~allowed[:, 0, 0, :].expand(batch, length), None
+    return None, ~allowed.expand(batch, heads, length, length).reshape(batch * heads, length, length)
 
 
 def _take(t: torch.Tensor, keys: Union[slice, torch.Tensor], dim: int) -> torch.Tensor:

@@ -70,4 +70,41 @@ def test_block_attention_equals_the_full_masked_attention():
     blocks_within, blocks_across = attention_blocks(q, t, x.device)
     for blocked, blocks in ((across, blocks_within), (within, blocks_across)):  # masks say what is NOT allowed
         want = reference(x, x, x, key_padding_mask=padding, attn_mask=blocked, need_weights=False)[0]
-        torch.testing.assert_close(ours.forward_blocks(x, padding, blocks), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(x, padding=padding, blocks=blocks), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["padding", "full-mask", "blocks"])
+def test_reference_implementation_equals_the_fused_one_values_and_gradients(pattern):
+    """``implementation="reference"`` runs nn.MultiheadAttention's forward; the fused path must
+    give the same outputs and input gradients (training uses the fused path)."""
+    from locore_plugin.adapters.ames import attention_blocks
+    from locore_plugin.nn import set_attention_implementation
+
+    torch.manual_seed(2)
+    q, t, dim, heads = 6, 4, 16, 4
+    length = 1 + q + t
+    fused = SelfAttention(dim, heads)
+    reference = set_attention_implementation(SelfAttention(dim, heads), "reference")
+    reference.load_state_dict(fused.state_dict())
+    padding = torch.zeros(3, length, dtype=torch.bool)
+    padding[0, 3:5] = True
+    padding[2, 9:] = True
+    x = torch.randn(3, length, dim, requires_grad=True)
+    if pattern == "blocks":
+        within, _ = attention_blocks(q, t, x.device)
+        run = {impl: (lambda m=m: m(x, padding=padding, blocks=within)) for impl, m in (("sdpa", fused), ("reference", reference))}
+    else:
+        allowed = allowed_keys(padding)
+        if pattern == "full-mask":
+            allowed = allowed & (torch.rand(3, 1, length, length) > 0.3) | torch.eye(length, dtype=torch.bool)
+        run = {impl: (lambda m=m: m(x, allowed)) for impl, m in (("sdpa", fused), ("reference", reference))}
+    grads = {}
+    for impl, forward in run.items():
+        out = forward()
+        out.square().sum().backward()
+        grads[impl] = (out.detach(), x.grad.clone())
+        x.grad = None
+    torch.testing.assert_close(grads["sdpa"][0], grads["reference"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads["sdpa"][1], grads["reference"][1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown attn_implementation"):
+        set_attention_implementation(fused, "flash")

@@ -47,11 +47,12 @@ def all_pairs(reranker, queries, gallery):
 
 
 @pytest.mark.golden("ames")
+@pytest.mark.parametrize("attn", ["sdpa", "reference"])
 @pytest.mark.parametrize("container", ["checkpoint.pt.xz", "weights.safetensors.xz"])
-def test_logits_match_official(golden_case, container, tmp_path):
+def test_logits_match_official(golden_case, container, attn, tmp_path):
     queries, gallery, _, outputs, config = load_case(golden_case, tmp_path)
     suffix = ".pt" if container.endswith(".pt.xz") else ".safetensors"
-    reranker = ames(unxz(golden_case / container, tmp_path / f"w{suffix}"), config, batch_size=7)
+    reranker = ames(unxz(golden_case / container, tmp_path / f"w{suffix}"), config, batch_size=7, attn_implementation=attn)
     # evaluation: database tokens rounded to float16, as the official evaluation does
     np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["raw_eval"], atol=5e-4, rtol=0)
     # training mode skips the cast
@@ -63,7 +64,8 @@ def test_logits_match_official(golden_case, container, tmp_path):
 
 
 @pytest.mark.golden("ames")
-def test_binarized_logits_match_official(golden_case, tmp_path):
+@pytest.mark.parametrize("attn", ["sdpa", "reference"])
+def test_binarized_logits_match_official(golden_case, attn, tmp_path):
     from safetensors.torch import load, save_file
 
     queries, gallery, _, _, config = load_case(golden_case, tmp_path)
@@ -78,7 +80,7 @@ def test_binarized_logits_match_official(golden_case, tmp_path):
     expected = np.load(folder / "outputs.npz")["raw_eval"]
     official = binary["constructor_kwargs"]
     for architecture in (official, {"nhead": official["nhead"], "activation": official["activation"]}):
-        reranker = ames(tmp_path / "binary.safetensors", binary, architecture)
+        reranker = ames(tmp_path / "binary.safetensors", binary, architecture, attn_implementation=attn)
         assert {k: reranker.module.config[k] for k in official} == official
         np.testing.assert_allclose(all_pairs(reranker, queries, gallery), expected, atol=2e-4, rtol=0)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from locore_plugin import ImageFeatures, create_reranker
 from locore_plugin.adapters.r2former import CONFIGS, R2Former, R2FormerConfig, build_module
 from locore_plugin.checkpoints import StateDictMismatchError, read_state_dict
+from locore_plugin.nn import set_attention_implementation
 
 TINY = {"hidden": 16, "depth": 2, "pair_depth": 1, "heads": 2, "local_dim": 8, "global_dim": 8, "num_patches": 16}
 
@@ -22,8 +23,9 @@ def case_config(case) -> dict:
     return {**meta["constructor_kwargs"], "local_dim": meta["local_dim"]}
 
 
-def golden_module(case, dtype=torch.float32) -> R2Former:
-    return build_module("r2former", case / "weights.safetensors", case_config(case)).to(dtype).eval()
+def golden_module(case, dtype=torch.float32, attn="sdpa") -> R2Former:
+    module = build_module("r2former", case / "weights.safetensors", case_config(case)).to(dtype).eval()
+    return set_attention_implementation(module, attn)
 
 
 def side(rerank: np.ndarray, dtype=torch.float32) -> dict:
@@ -39,8 +41,9 @@ def inputs_and_outputs(case):
 
 
 @pytest.mark.golden("r2former")
-def test_logits_match_official(golden_case):
-    module = golden_module(golden_case)
+@pytest.mark.parametrize("attn", ["sdpa", "reference"])
+def test_logits_match_official(golden_case, attn):
+    module = golden_module(golden_case, attn=attn)
     for inputs, outputs in inputs_and_outputs(golden_case):
         with torch.no_grad():
             logits = module(side(inputs["x_rerank"]), side(inputs["y_rerank"])).numpy()
@@ -49,8 +52,9 @@ def test_logits_match_official(golden_case):
 
 
 @pytest.mark.golden("r2former")
-def test_float64_matches_official_float64(golden_case):
-    module = golden_module(golden_case, torch.float64)
+@pytest.mark.parametrize("attn", ["sdpa", "reference"])
+def test_float64_matches_official_float64(golden_case, attn):
+    module = golden_module(golden_case, torch.float64, attn)
     inputs, expected = np.load(golden_case / "inputs.npz"), np.load(golden_case / "outputs_f64.npz")
     with torch.no_grad():
         logits = module(side(inputs["x_rerank"], torch.float64), side(inputs["y_rerank"], torch.float64)).numpy()
@@ -367,3 +371,28 @@ def test_bad_input_errors(data):
         tiny_reranker(gallery_length=4)
     with pytest.raises(ValueError, match="global"):
         tiny_reranker(fusion="official").rerank(random_image(rng, 6, with_global=False), shortlists[0])
+
+
+def test_fused_attention_equals_the_reference_with_padding_values_and_gradients():
+    """Training runs the fused attention: its logits and parameter gradients equal timm's explicit
+    softmax (the reference path) on padded inputs."""
+    torch.manual_seed(4)
+    fused = R2Former(R2FormerConfig(**TINY))
+    reference = set_attention_implementation(R2Former(R2FormerConfig(**TINY)), "reference")
+    reference.load_state_dict(fused.state_dict())
+
+    def sides(n):
+        mask = torch.rand(3, n) > 0.3
+        mask[:, :5] = True
+        return {"local": torch.randn(3, n, 8), "mask": mask, "xy": torch.rand(3, n, 2), "weight": torch.rand(3, n)}
+
+    query, gallery = sides(9), sides(7)
+    grads = []
+    for module in (fused, reference):
+        logits = module(query, gallery)
+        logits.square().sum().backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    assert grads[0][1].keys() == grads[1][1].keys() and grads[0][1]
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], atol=1e-4, rtol=1e-4, msg=name)

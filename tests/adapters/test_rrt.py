@@ -46,14 +46,15 @@ def all_pairs(reranker, queries, gallery):
 
 
 @pytest.mark.golden("rrt")
+@pytest.mark.parametrize("attn", ["sdpa", "reference"])
 @pytest.mark.parametrize("container", ["checkpoint.pt.xz", "weights.safetensors.xz"])
-def test_logits_match_official(golden_case, container, tmp_path):
+def test_logits_match_official(golden_case, container, attn, tmp_path):
     queries, gallery, _, outputs, config = load_case(golden_case)
     suffix = ".pt" if container.endswith(".pt.xz") else ".safetensors"
-    reranker = rrt(unxz(golden_case / container, tmp_path / f"w{suffix}"), config, batch_size=5)
+    reranker = rrt(unxz(golden_case / container, tmp_path / f"w{suffix}"), config, batch_size=5, attn_implementation=attn)
     np.testing.assert_allclose(all_pairs(reranker, queries, gallery), outputs["logits"], atol=1e-4, rtol=0)
     qi, gi = outputs["debug_pair"]
-    single = rrt(tmp_path / f"w{suffix}", config, batch_size=1).rerank(queries[qi], [gallery[gi]]).scores
+    single = rrt(tmp_path / f"w{suffix}", config, batch_size=1, attn_implementation=attn).rerank(queries[qi], [gallery[gi]]).scores
     np.testing.assert_allclose(single, outputs["debug_logit"], atol=1e-4, rtol=0)
 
 
