@@ -80,3 +80,21 @@ def shared_data():
         return folder
 
     return get
+
+
+@pytest.fixture
+def register_plugin():
+    """``register_plugin(obj, name)`` registers a plugin object (a class instance or a module with
+    hook implementations) for this test only: all are unregistered when it ends, pass or fail."""
+    from locore_plugin.plugins import load_plugins
+
+    pm, added = load_plugins(), []
+
+    def register(plugin, name: str):
+        pm.register(plugin, name=name)
+        added.append(plugin)
+        return plugin
+
+    yield register
+    for plugin in reversed(added):
+        pm.unregister(plugin)

@@ -13,7 +13,6 @@ import locore_plugin
 from locore_plugin import ImageFeatures, create_reranker
 from locore_plugin.bridge import ImageRanker, install
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.plugins import pm
 
 
 def gallery(n=8, dim=8, seed=0):
@@ -104,7 +103,7 @@ def test_a_name_of_ours_with_a_foreign_model_type_is_not_ours(monkeypatch):
     assert rerankers.Reranker("superglobal", model_type="cross-encoder", verbose=0) == ("theirs", "superglobal")
 
 
-def test_errors_while_building_ours_reach_the_user_as_themselves():
+def test_errors_while_building_ours_reach_the_user_as_themselves(register_plugin):
     class Broken:
         @hookimpl
         def register_rerankers(self, register):
@@ -113,13 +112,9 @@ def test_errors_while_building_ours_reach_the_user_as_themselves():
 
             register("test-broken", factory)
 
-    plugin = Broken()
-    pm.register(plugin, name="broken")
-    try:
-        with pytest.raises(KeyError, match="weights.missing_key"):
-            rerankers.Reranker("test-broken", verbose=0)
-    finally:
-        pm.unregister(plugin)
+    register_plugin(Broken(), "broken")
+    with pytest.raises(KeyError, match="weights.missing_key"):
+        rerankers.Reranker("test-broken", verbose=0)
 
 
 def test_unknown_name_with_our_model_type_lists_close_matches():

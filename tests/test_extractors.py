@@ -22,7 +22,6 @@ from locore_plugin.extractors import (
 )
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.plugins import pm
 from locore_plugin.registry import UnknownNameError
 
 CALLS = []  # images the probe extracted, across instances (the CLI builds its own)
@@ -65,14 +64,9 @@ class ProbePlugin:
 
 
 @pytest.fixture
-def probe():
-    plugin = ProbePlugin()
-    pm.register(plugin, name="probe-plugin")
+def probe(register_plugin):
+    register_plugin(ProbePlugin(), "probe-plugin")
     CALLS.clear()
-    try:
-        yield
-    finally:
-        pm.unregister(plugin)
 
 
 def picture(h=60, w=80, seed=0):
@@ -159,6 +153,13 @@ def test_a_query_crop_is_extracted_and_its_positions_mapped_to_the_full_image(pr
     assert cols.min() == 10 and cols.max() == 10 + 3 * 40 // 4 and rows.min() == 5
     full = extractor.extract(rgb)
     np.testing.assert_allclose(full.xy[:, 0] * 80 - 0.5, np.tile(np.arange(4) * 20, 4), atol=1e-4)
+
+
+def test_hook_register_extractors_adds_an_extractor_without_code_changes(probe):
+    entry = {e.name: e for e in list_extractors()}["probe"]
+    assert entry.plugin == "probe-plugin" and entry.description == "test probe"
+    features = create_extractor("probe").extract(picture())
+    assert features.local.shape[0] > 0 and len(CALLS) == 1
 
 
 def test_features_are_cached_in_memory_per_image_and_box(probe):

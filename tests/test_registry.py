@@ -11,7 +11,6 @@ import locore_plugin
 from locore_plugin import ImageFeatures, ImageReranker, create_reranker, list_rerankers
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import ranked
-from locore_plugin.plugins import pm
 from locore_plugin.registry import UnknownNameError
 
 
@@ -32,11 +31,8 @@ class ReversePlugin:
 
 
 @pytest.fixture
-def reverse_plugin():
-    plugin = ReversePlugin()
-    pm.register(plugin, name="test-reverse-plugin")
-    yield plugin
-    pm.unregister(plugin)
+def reverse_plugin(register_plugin):
+    return register_plugin(ReversePlugin(), "test-reverse-plugin")
 
 
 def features(n, dim=4, seed=0):
@@ -50,7 +46,7 @@ def test_builtins_are_listed_with_their_provider():
     assert entry.description
 
 
-def test_a_plugin_adds_a_reranker_without_code_changes(reverse_plugin):
+def test_hook_register_rerankers_adds_a_reranker_without_code_changes(reverse_plugin):
     names = {e.name: e for e in list_rerankers()}
     assert names["test-reverse"].plugin == "test-reverse-plugin"
     result = create_reranker("test-reverse").rerank(features(1)[0], features(4))
@@ -62,34 +58,26 @@ def test_unknown_name_lists_close_matches():
         create_reranker("superglobl")
 
 
-def test_duplicate_registration_names_both_plugins(reverse_plugin):
+def test_duplicate_registration_names_both_plugins(reverse_plugin, register_plugin):
     class Again:
         @hookimpl
         def register_rerankers(self, register):
             register("test-reverse", Reverse)
 
-    again = Again()
-    pm.register(again, name="again")
-    try:
-        with pytest.raises(ValueError, match="registered twice.*test-reverse-plugin.*again"):
-            list_rerankers()
-    finally:
-        pm.unregister(again)
+    register_plugin(Again(), "again")
+    with pytest.raises(ValueError, match="registered twice.*test-reverse-plugin.*again"):
+        list_rerankers()
 
 
-def test_factory_must_return_an_image_reranker():
+def test_factory_must_return_an_image_reranker(register_plugin):
     class Bad:
         @hookimpl
         def register_rerankers(self, register):
             register("test-bad", lambda **kw: object())
 
-    bad = Bad()
-    pm.register(bad, name="bad")
-    try:
-        with pytest.raises(TypeError, match="not an ImageReranker"):
-            create_reranker("test-bad")
-    finally:
-        pm.unregister(bad)
+    register_plugin(Bad(), "bad")
+    with pytest.raises(TypeError, match="not an ImageReranker"):
+        create_reranker("test-bad")
 
 
 def test_chain_feeds_each_stage_the_previous_order_and_scores(reverse_plugin):
