@@ -5,7 +5,8 @@ import argparse
 import sys
 
 from .bench import add_parser as add_bench_command
-from .evaluate import add_demo_command, add_eval_command
+from .demo import add_demo_command
+from .evaluate import add_eval_command
 from .extractors import add_extract_command, list_extractors
 from .registry import list_rerankers
 from .training import add_subcommand as add_train_command

@@ -614,21 +614,22 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     recipe.setdefault("methods", [])
     if "datasets" not in recipe:
         raise EvaluationError("no dataset: give --dataset NAME or a --recipe that lists datasets")
-    apply_options(recipe["methods"], [*args.option, *(_checkpoint_option(c) for c in args.checkpoint)])
+    apply_options(recipe["methods"], [*args.option, *(checkpoint_option(c) for c in args.checkpoint)])
     try:
         return EvalConfig(**recipe)
     except TypeError as error:
         raise EvaluationError(str(error)) from None
 
 
-def _checkpoint_option(text: str) -> str:
+def checkpoint_option(text: str) -> str:
     name, sep, path = text.partition("=")
     if not (sep and name and path):
         raise EvaluationError(f"--checkpoint expects NAME=PATH, got {text!r}")
     return f"{name}.checkpoint={json.dumps(path)}"
 
 
-def _guarded(function, args) -> int:
+def guarded(function, args) -> int:
+    """Run a command; a user error is one line on stderr and exit status 2, not a traceback."""
     try:
         function(args)
     except (EvaluationError, ValueError, FileNotFoundError) as error:
@@ -678,127 +679,18 @@ def untrained_reason(name: str, checkpoints: Sequence[str] = ()) -> Optional[str
     return None
 
 
-# The CPU smoke recipes (in ``recipes/``, installed as ``locore_plugin.recipes``) that ``demo``
-# trains, so that learned re-rankers take part with weights that mean something.
-# Each with the options that rank by the method's own score alone (a second row; none when that is
-# already the method's default ranking), so that the table shows what each method learned.
-DEMO_TRAINING = (
-    ("train_cpu_smoke.toml", {"alpha": 0.0, "temperature": 1.0}),
-    ("train_cpu_smoke_ames.toml", {"fusion": None}),
-    ("train_cpu_smoke_r2former.toml", {}),
-    ("train_cpu_smoke_elvis.toml", {"fusion": None}),
-)
-
-
-def train_demo_rerankers(out, log=print) -> list[MethodSpec]:
-    """Train the demo's learned re-rankers briefly on synthetic worlds other than the benchmark's.
-
-    A finished run is reused and an interrupted one resumes. Every file goes under ``out``: the
-    runs in ``train/<recipe>``, the training worlds in ``train-data/<the recipe's folder name>``
-    (recipes that name the same worlds share them), the validation world in ``validation-data``
-    (the recipes validate on a world of their own, never on the benchmark reported here). Rows
-    use the ``final`` weights.
-    """
-    import dataclasses
-    from importlib.resources import as_file, files
-
-    from .training import load_config, train
-
-    out = Path(out)
-    methods = []
-    for recipe, own_score in DEMO_TRAINING:
-        stem = recipe.removesuffix(".toml")
-        with as_file(files("locore_plugin.recipes") / recipe) as path:
-            config = load_config(path)
-        config = dataclasses.replace(
-            config,
-            output_dir=str(out / "train" / stem),
-            data={**config.data, "directory": str(out / "train-data" / Path(config.data["directory"]).name)},
-            validation={**config.validation, "directory": str(out / "validation-data")},
-        )
-        final = Path(config.output_dir) / "final"
-        if not final.is_dir():
-            log(f"training {config.reranker} briefly on synthetic worlds ({recipe}; once, then reused) ...")
-            train(config)
-        options = {k: v for k, v in config.reranker_options.items() if k != "config"}
-        options["checkpoint"] = str(final)
-        methods.append(MethodSpec(config.reranker, options=options, label=f"{config.reranker} (trained: {stem})"))
-        if own_score:
-            methods.append(MethodSpec(config.reranker, options={**options, **own_score},
-                                      label=f"{config.reranker} (trained: {stem}; own score alone)"))
-    return methods
-
-
-def demo(out="locore-demo", size: str = "small", seed: int = 0, rerankers: Optional[Sequence[str]] = None,
-         checkpoints: Sequence[str] = (), top_k: int = 100, train: bool = True, log=print) -> dict:
-    """The built-in benchmark: write the synthetic dataset under ``{out}/data`` and compare the
-    re-rankers on it (every registered training-free one by default). A learned re-ranker runs
-    only with trained weights: a ``NAME=PATH`` checkpoint, or (``train``, the default) the brief
-    CPU training of ``DEMO_TRAINING``; random weights would say nothing."""
-    from . import synthetic
-    from .registry import list_rerankers
-
-    out = Path(out)
-    synthetic.write(out / "data", seed, size)
-    names = list(rerankers) if rerankers else [e.name for e in list_rerankers()]
-    chosen, untrained = [], []
-    for name in names:
-        (chosen if untrained_reason(name, checkpoints) is None else untrained).append(name)
-    if untrained:
-        log(f"left out {len(untrained)} learned re-ranker(s) without trained weights ({', '.join(untrained)}): random "
-            "weights would say nothing; --checkpoint NAME=PATH adds one")
-    methods = [MethodSpec(name) for name in chosen]
-    apply_options(methods, [_checkpoint_option(c) for c in checkpoints if c.partition("=")[0] in
-                            {p for m in methods for p in m.name.split("+")}])
-    if train and size == "small" and seed == 0:
-        methods += train_demo_rerankers(out, log)
-    elif train:
-        log("the demo's training recipes validate on the small benchmark of seed 0; no trained rows for this size/seed")
-    config = EvalConfig(datasets=[synthetic.DATASET], methods=methods, data_root=str(out / "data"),
-                        out=str(out / "results"), desc=synthetic.DESCRIPTOR, top_k=top_k)
-    return run(config, log=log)
-
-
-def _run_demo(args) -> None:
-    report = demo(args.out, args.size, args.seed, args.rerankers, args.checkpoint, args.top_k, train=not args.no_train)
-    print()
-    print(f"Built-in synthetic benchmark ({args.size}, seed {args.seed}):")
-    print(format_table(report))
-    print(f"tables, per-query APs and plots in {(Path(args.out) / 'results').resolve()}")
-
-
-def add_demo_command(subparsers) -> None:
-    from .synthetic import SIZES
-
-    parser = subparsers.add_parser(
-        "demo", help="compare the re-rankers on the built-in synthetic benchmark (no download, a few minutes on CPU)",
-        description=demo.__doc__,
-    )
-    parser.add_argument("--out", default="locore-demo", help="folder for the synthetic data, results and cache")
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reranker", action="append", dest="rerankers", metavar="NAME",
-                        help="re-rankers to compare (default: every training-free registered one)")
-    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                        help="trained weights for a learned re-ranker, which then takes part")
-    parser.add_argument("--top-k", type=int, default=100)
-    parser.add_argument("--no-train", action="store_true",
-                        help="skip the brief CPU training of the small learned re-rankers (their rows are then left out)")
-    parser.set_defaults(run=lambda args: _guarded(_run_demo, args))
-
-
 def add_eval_command(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="evaluate re-rankers on revisited Oxford/Paris (Medium/Hard/Hard*)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    parser.set_defaults(run=lambda args: _guarded(_run_eval, args))
+    parser.set_defaults(run=lambda args: guarded(_run_eval, args))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m locore_plugin.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return _guarded(_run_eval, parser.parse_args(argv))
+    return guarded(_run_eval, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

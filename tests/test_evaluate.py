@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from locore_plugin import evaluate, synthetic
+from locore_plugin import demo, evaluate, synthetic
 from locore_plugin.evaluate import EvalConfig, MethodSpec, full_ranking
 from locore_plugin.metrics import compute_map, revisited_gnd
 
@@ -179,7 +179,7 @@ def test_cli_eval_prints_the_table(data_root, tmp_path, capsys):
 
 def test_demo_runs_training_free_rerankers_and_leaves_out_untrained_ones(tmp_path):
     lines = []
-    report = evaluate.demo(tmp_path, size="tiny", rerankers=["superglobal", "locore-tiny", "superglobal+locore-tiny"],
+    report = demo.demo(tmp_path, size="tiny", rerankers=["superglobal", "locore-tiny", "superglobal+locore-tiny"],
                            log=lines.append)
     assert list(report["results"]) == ["global", "superglobal"]
     left = [line for line in lines if line.startswith("left out")]

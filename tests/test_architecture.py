@@ -1,0 +1,17 @@
+"""The layering contracts of pyproject.toml (checked by ``lint-imports`` in .ci/run) cover every
+shared module: a new module in locore_plugin/ must be listed, or the contract would not see it."""
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_no_method_imports_contract_lists_every_shared_module():
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (shared,) = [c for c in contracts if c["type"] == "forbidden" and "locore_plugin.adapters" in c["forbidden_modules"]]
+    modules = {f"locore_plugin.{p.stem}" for p in (ROOT / "locore_plugin").glob("*.py") if p.stem != "__init__"}
+    assert set(shared["source_modules"]) == modules
