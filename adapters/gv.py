@@ -103,6 +103,7 @@ def register_rerankers(register):
         "gv",
         GeometricVerification,
         description="training-free geometric verification: mutual nearest neighbours + RANSAC inliers (OpenCV)",
-        inputs="local+xy",
+        inputs="local",
+        columns=("xy",),
         extractor="sift",
     )

@@ -597,7 +597,8 @@ def register_rerankers(register):
             description=f"LoCoRE (CVPR 2025) list-wise long-context re-ranker, {arch['num_hidden_layers']} layers, "
             f"hidden {arch['hidden_size']}, sliding windows",
             learned=True,
-            inputs="local+global",
+            inputs=("global", "local"),
+            columns=("scale",),
             extractor="dinov2-ames",
             attn_implementations=(REFERENCE, FAST),
         )

@@ -243,5 +243,5 @@ def build_rrt(name: str, checkpoint=None, pretrained: bool = True, config: Optio
 @hookimpl
 def register_rerankers(register):
     for name in CONFIGS:
-        register(name, functools.partial(build_rrt, name), description=DESCRIPTIONS[name], learned=True, inputs="global+local",
+        register(name, functools.partial(build_rrt, name), description=DESCRIPTIONS[name], learned=True, inputs=("global", "local"),
                  columns=("scale",), attn_implementations=ATTENTION_IMPLEMENTATIONS)

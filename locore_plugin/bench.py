@@ -314,9 +314,8 @@ def bench_reranker(name: str, device="cpu", gallery: int = 100, sliding: int = 4
 
 def attention_implementations(name: str) -> Optional[tuple[str, str]]:
     """(reference, fast) attention implementation names a re-ranker registers, or None."""
-    metadata = lookup(registered_rerankers(), name, "re-ranker").metadata
-    names = metadata.get("attn_implementations")
-    return None if not names else (names[0], names[-1])
+    names = lookup(registered_rerankers(), name, "re-ranker").metadata.attn_implementations
+    return names or None
 
 
 def compare_attention(name: str, device="cpu", gallery: int = 100, warmup: int = 10, runs: int = 10,

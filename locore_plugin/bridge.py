@@ -161,7 +161,7 @@ def _is_pixels(item) -> bool:
 def _default_extractor(model_name: str) -> Optional[str]:
     """The extractor the re-ranker's stages register (a chain's stages must agree)."""
     entries = registered_rerankers()
-    named = {entries[part].metadata.get("extractor") for part in model_name.split(CHAIN_SEPARATOR)} - {None}
+    named = {entries[part].metadata.extractor for part in model_name.split(CHAIN_SEPARATOR)} - {None}
     return named.pop() if len(named) == 1 else None
 
 

@@ -671,7 +671,7 @@ def untrained_reason(name: str, checkpoints: Sequence[str] = ()) -> Optional[str
     for part in name.split("+"):
         if part in given:
             continue
-        learned = entries[part].metadata.get("learned")
+        learned = entries[part].metadata.learned
         if learned is None:
             learned = isinstance(create_reranker(part, pretrained=False), TrainableReranker)
         if learned:

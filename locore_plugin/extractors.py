@@ -29,7 +29,7 @@ import numpy as np
 from .atomic import atomic_write, set_aside
 from .features import ImageFeatures
 from .options import parse_assignment
-from .registry import RegistryEntry, collect, lookup
+from .registry import ExtractorInfo, RegistryEntry, collect, lookup
 
 BBox = Sequence[float]
 
@@ -39,7 +39,7 @@ BBox = Sequence[float]
 
 
 def registered_extractors() -> dict[str, RegistryEntry]:
-    return collect("register_extractors", "extractor")
+    return collect("register_extractors", "extractor", ExtractorInfo)
 
 
 def list_extractors() -> list[RegistryEntry]:

@@ -17,8 +17,8 @@ def register_rerankers(register: Callable[..., None]) -> None:
     ``checkpoint``) and must reject those it does not know. Every factory accepts ``pretrained``: a
     learned method (metadata ``learned=True``) refuses to build random weights unless
     ``pretrained=False`` is passed and no ``checkpoint``; a training-free one ignores it. The
-    metadata ``extractor="<name>"`` names the feature extractor that ``rank()`` uses on raw images
-    when the user names none.
+    metadata are the fields of :class:`locore_plugin.registry.RerankerInfo` (``learned``,
+    ``inputs``, ``columns``, ``extractor``, ``attn_implementations``); another keyword is an error.
     """
 
 
@@ -26,7 +26,8 @@ def register_rerankers(register: Callable[..., None]) -> None:
 def register_extractors(register: Callable[..., None]) -> None:
     """Register feature extractors: what turns a raw image into :class:`locore_plugin.ImageFeatures`.
 
-    Call ``register(name, factory, description=..., **metadata)`` once per name. ``factory(**kwargs)``
+    Call ``register(name, factory, description=..., **metadata)`` once per name (metadata: the
+    fields of :class:`locore_plugin.registry.ExtractorInfo`). ``factory(**kwargs)``
     returns an :class:`locore_plugin.extractors.ImageExtractor`. It receives ``verbose`` (always
     passed by ``rank()``), ``device``, ``dtype`` and ``batch_size`` where they apply, and its own
     options, and rejects the ones it does not know.

@@ -6,8 +6,8 @@ with ``a``'s scores as its global similarities (e.g. ``superglobal+locore-base``
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass, field, fields
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -15,6 +15,57 @@ from .interface import ImageReranker, RerankResult
 from .plugins import load_plugins, plugin_distribution
 
 CHAIN_SEPARATOR = "+"
+
+
+DESCRIPTOR_KINDS = ("global", "local")
+LOCAL_COLUMNS = ("scale", "weight", "xy")  # the per-local columns of ImageFeatures
+
+
+@dataclass(frozen=True)
+class RerankerInfo:
+    """What a re-ranker declares when it registers (as timm's pretrained configs do for models):
+    evaluation, the benchmark, the demo and the rerankers bridge read these fields and never
+    guess them. ``register(name, factory, description, **fields)``; an unknown field is an error.
+
+    ``learned``: whether it has weights to train or load (None: the plugin does not say; then a
+    build with ``pretrained=False`` tells). ``inputs``: the descriptor kinds it reads (``"global"``,
+    ``"local"``; given as a tuple or as ``"local+global"``). ``columns``: the per-local columns it
+    reads besides the descriptors (``"scale"``, ``"weight"``, ``"xy"``). ``extractor``: the
+    extractor that ``rank()`` uses on raw images when the user names none. ``attn_implementations``:
+    ``(reference, fast)`` names its factory accepts as ``attn_implementation`` (the benchmark runs
+    both).
+    """
+
+    learned: Optional[bool] = None
+    inputs: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ()
+    extractor: Optional[str] = None
+    attn_implementations: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        inputs = self.inputs.split("+") if isinstance(self.inputs, str) else list(self.inputs)
+        _check_among("inputs", inputs, DESCRIPTOR_KINDS)
+        _check_among("columns", list(self.columns), LOCAL_COLUMNS)
+        object.__setattr__(self, "inputs", tuple(sorted(set(inputs))))
+        object.__setattr__(self, "columns", tuple(self.columns))
+        object.__setattr__(self, "attn_implementations", tuple(self.attn_implementations))
+        if self.attn_implementations and len(self.attn_implementations) != 2:
+            raise ValueError(f"attn_implementations must be (reference, fast), got {self.attn_implementations}")
+        if self.learned not in (None, True, False):
+            raise ValueError(f"learned must be True, False or None, got {self.learned!r}")
+
+
+@dataclass(frozen=True)
+class ExtractorInfo:
+    """What an extractor declares when it registers: ``local_dim``, the size of its local descriptors."""
+
+    local_dim: Optional[int] = None
+
+
+def _check_among(what: str, values: list, allowed: tuple) -> None:
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ValueError(f"{what} {unknown} are not among {list(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -26,7 +77,7 @@ class RegistryEntry:
     plugin: str
     distribution: str
     description: str = ""
-    metadata: dict = field(default_factory=dict)
+    metadata: Union[RerankerInfo, ExtractorInfo] = field(default_factory=RerankerInfo)
 
 
 class UnknownNameError(KeyError):
@@ -36,27 +87,44 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
-def collect(hook: str, kind: str, reserved: str = "") -> dict[str, RegistryEntry]:
+def collect(hook: str, kind: str, info: type, reserved: str = "") -> dict[str, RegistryEntry]:
     """Ask every plugin implementing ``hook`` to register its names, afresh (registration is cheap).
 
-    ``kind`` names what is registered in errors; a name may not contain ``reserved``.
+    ``kind`` names what is registered in errors, ``info`` the dataclass its metadata fills; a name
+    may not contain ``reserved``.
     """
     pm = load_plugins()
     entries: dict[str, RegistryEntry] = {}
+    accepted = [f.name for f in fields(info)]
     for impl in getattr(pm.hook, hook).get_hookimpls():
-        distribution = plugin_distribution(impl.plugin)
-
-        def register(name, factory, description="", _plugin=impl.plugin_name, _dist=distribution, **metadata):
-            if not isinstance(name, str) or not name or (reserved and reserved in name):
-                raise ValueError(f"plugin {_plugin!r}: invalid {kind} name {name!r}")
-            if not callable(factory):
-                raise TypeError(f"plugin {_plugin!r}: the factory for {kind} {name!r} is not callable")
-            if name in entries:
-                raise ValueError(f"{kind} name {name!r} is registered twice: by {entries[name].plugin!r} and by {_plugin!r}")
-            entries[name] = RegistryEntry(name, factory, _plugin, _dist, description, metadata)
-
-        impl.function(register=register)
+        entries.update(_registrations(impl, kind, info, accepted, reserved, entries))
     return entries
+
+
+def _registrations(impl, kind: str, info: type, accepted: list[str], reserved: str, entries: dict) -> dict:
+    """What one hook implementation registers; its provenance comes from the plugin manager, not
+    from anything the plugin passes."""
+    plugin, distribution, added = impl.plugin_name, plugin_distribution(impl.plugin), {}
+
+    def register(name, factory, description="", **metadata):
+        if not isinstance(name, str) or not name or (reserved and reserved in name):
+            raise ValueError(f"plugin {plugin!r}: invalid {kind} name {name!r}")
+        if not callable(factory):
+            raise TypeError(f"plugin {plugin!r}: the factory for {kind} {name!r} is not callable")
+        if name in entries or name in added:
+            first = (entries.get(name) or added[name]).plugin
+            raise ValueError(f"{kind} name {name!r} is registered twice: by {first!r} and by {plugin!r}")
+        unknown = sorted(set(metadata) - set(accepted))
+        if unknown:
+            raise ValueError(f"plugin {plugin!r}, {kind} {name!r}: unknown metadata {unknown}; accepted: {accepted}")
+        try:
+            typed = info(**metadata)
+        except ValueError as error:
+            raise ValueError(f"plugin {plugin!r}, {kind} {name!r}: {error}") from None
+        added[name] = RegistryEntry(name, factory, plugin, distribution, description, typed)
+
+    impl.function(register=register)
+    return added
 
 
 def lookup(entries: dict[str, RegistryEntry], name: str, kind: str) -> RegistryEntry:
@@ -69,7 +137,7 @@ def lookup(entries: dict[str, RegistryEntry], name: str, kind: str) -> RegistryE
 
 
 def registered_rerankers() -> dict[str, RegistryEntry]:
-    return collect("register_rerankers", "re-ranker", reserved=CHAIN_SEPARATOR)
+    return collect("register_rerankers", "re-ranker", RerankerInfo, reserved=CHAIN_SEPARATOR)
 
 
 def list_rerankers() -> list[RegistryEntry]:

@@ -145,3 +145,42 @@ def test_entry_point_plugins_and_the_env_var(installed_distribution, env_value, 
 def test_public_api_names():
     for name in ("ImageFeatures", "ImageReranker", "RerankResult", "create_reranker", "list_rerankers"):
         assert hasattr(locore_plugin, name)
+
+
+def test_registry_metadata_is_typed_and_checked(register_plugin):
+    entries = {e.name: e for e in list_rerankers()}
+    assert entries["rrt"].metadata.inputs == entries["locore-tiny"].metadata.inputs == ("global", "local")
+    assert entries["superglobal"].metadata.learned is None and entries["ames-dinov2"].metadata.learned is True
+    assert entries["locore-tiny"].metadata.attn_implementations == ("transformers", "blocked")
+    assert entries["gv"].metadata.columns == ("xy",) and entries["gv"].metadata.extractor == "sift"
+
+    class Sloppy:
+        @hookimpl
+        def register_rerankers(self, register):
+            register("test-sloppy", Reverse, input="global")  # a misspelt field
+
+    register_plugin(Sloppy(), "sloppy")
+    with pytest.raises(ValueError, match=r"test-sloppy.*unknown metadata \['input'\].*accepted"):
+        list_rerankers()
+
+
+def test_a_plugin_cannot_claim_another_provenance(register_plugin):
+    class Spoof:
+        @hookimpl
+        def register_rerankers(self, register):
+            register("test-spoof", Reverse, _plugin="locore_plugin.adapters.superglobal")
+
+    register_plugin(Spoof(), "spoof")
+    with pytest.raises(ValueError, match=r"plugin 'spoof'.*unknown metadata \['_plugin'\]"):
+        list_rerankers()
+
+
+def test_bad_metadata_values_name_the_field(register_plugin):
+    class Wrong:
+        @hookimpl
+        def register_rerankers(self, register):
+            register("test-wrong", Reverse, inputs="global+pixels")
+
+    register_plugin(Wrong(), "wrong")
+    with pytest.raises(ValueError, match=r"test-wrong.*inputs \['pixels'\] are not among"):
+        list_rerankers()
