@@ -190,6 +190,24 @@ def build(name: str, device, dtype="float32", **options):
     return create_reranker(name, device=device, dtype=dtype, pretrained=False, **options)
 
 
+def build_one_window(name: str, device, dtype, gallery: int, **options):
+    """``build``, with a sliding-window re-ranker's ``shortlist`` set to ``gallery`` (one window)
+    when its default differs (rebuilt only then)."""
+    reranker = build(name, device, dtype, **options)
+    if getattr(reranker, "shortlist", None) not in (None, gallery):
+        reranker = build(name, device, dtype, shortlist=gallery, **options)
+    return reranker
+
+
+def one_query(reranker, gallery: int, seed: int) -> tuple[ImageFeatures, list[ImageFeatures], np.ndarray]:
+    """A synthetic query, ``gallery`` shortlisted images at the re-ranker's sizes and their
+    descending global scores: the input every benchmark setting times."""
+    query = synthetic_features(reranker, 1, _locals(reranker, "query"), seed)[0]
+    shortlist = synthetic_features(reranker, gallery, _locals(reranker, "gallery"), seed + 1)
+    scores = np.sort(np.random.default_rng(seed).random(gallery).astype(np.float32))[::-1].copy()
+    return query, shortlist, scores
+
+
 def gemm_rate(device, dtype, size: Optional[int] = None, runs: int = 5) -> float:
     """FLOP/s of the best of ``runs`` ``size`` x ``size`` matmuls in ``dtype`` (2048 on a CPU, 8192 on a GPU)."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
@@ -289,9 +307,7 @@ def bench_reranker(name: str, device="cpu", gallery: int = 100, sliding: int = 4
     for setting, size, options in settings:
         if options:
             reranker = build(name, device, dtype, **options)
-        query = synthetic_features(reranker, 1, _locals(reranker, "query"), seed)[0]
-        shortlist = synthetic_features(reranker, size, _locals(reranker, "gallery"), seed + 1)
-        scores = np.sort(np.random.default_rng(seed).random(size).astype(np.float32))[::-1].copy()
+        query, shortlist, scores = one_query(reranker, size, seed)
 
         def run():
             return reranker.rerank(query, shortlist, scores)
@@ -325,14 +341,11 @@ def compare_attention(name: str, device="cpu", gallery: int = 100, warmup: int =
     if implementations is None:
         raise ValueError(f"{name!r} registers no attn_implementations to compare")
     device = resolve_device(device)
-    options = {"shortlist": gallery} if getattr(build(name, device, dtype), "shortlist", None) else {}  # one window
-    models = {impl: build(name, device, dtype, attn_implementation=impl, **options) for impl in implementations}
+    models = {impl: build_one_window(name, device, dtype, gallery, attn_implementation=impl) for impl in implementations}
     reference_impl, fast_impl = implementations
     models[fast_impl].module.load_state_dict(models[reference_impl].module.state_dict())
     reranker = models[reference_impl]
-    query = synthetic_features(reranker, 1, _locals(reranker, "query"), seed)[0]
-    shortlist = synthetic_features(reranker, gallery, _locals(reranker, "gallery"), seed + 1)
-    scores = np.sort(np.random.default_rng(seed).random(gallery).astype(np.float32))[::-1].copy()
+    query, shortlist, scores = one_query(reranker, gallery, seed)
     runners = {impl: (lambda model=model: model.rerank(query, shortlist, scores)) for impl, model in models.items()}
     outputs = {impl: _module_outputs(model.module, runners[impl]) for impl, model in models.items()}
     flops = {impl: count_flops(run) for impl, run in runners.items()}
@@ -359,15 +372,11 @@ def compare_precision(name: str, device="cpu", gallery: int = 100, seed: int = 0
     """``dtype`` against float32 on one query of ``gallery`` synthetic images: the float32 model's
     weights rounded to ``dtype``, the same input, the same attention implementation."""
     device = resolve_device(device)
-    reference = build(name, device, "float32")
-    options = {"shortlist": gallery} if getattr(reference, "shortlist", None) else {}  # one window
-    reference = build(name, device, "float32", **options) if options else reference
-    reduced = build(name, device, dtype, **options)
+    reference = build_one_window(name, device, "float32", gallery)
+    reduced = build_one_window(name, device, dtype, gallery)
     if getattr(reference, "module", None) is not None:
         reduced.module.load_state_dict(reference.module.state_dict())
-    query = synthetic_features(reference, 1, _locals(reference, "query"), seed)[0]
-    shortlist = synthetic_features(reference, gallery, _locals(reference, "gallery"), seed + 1)
-    scores = np.sort(np.random.default_rng(seed).random(gallery).astype(np.float32))[::-1].copy()
+    query, shortlist, scores = one_query(reference, gallery, seed)
     results, outputs = {}, {}
     for key, model in (("float32", reference), ("reduced", reduced)):
         def run(model=model, key=key):

@@ -32,11 +32,9 @@ def test_unknown_options_are_refused(name):
 
 def _inputs(reranker, count: int, seed: int):
     """A query and ``count`` gallery images at the sizes the re-ranker states, with global scores."""
-    from locore_plugin.bench import _locals, synthetic_features
+    from locore_plugin.bench import one_query
 
-    query = synthetic_features(reranker, 1, _locals(reranker, "query"), seed)[0]
-    gallery = synthetic_features(reranker, count, _locals(reranker, "gallery"), seed + 1)
-    return query, gallery, np.linspace(0.9, 0.4, count).astype(np.float32)
+    return one_query(reranker, count, seed)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -147,40 +147,25 @@ def test_public_api_names():
         assert hasattr(locore_plugin, name)
 
 
-def test_registry_metadata_is_typed_and_checked(register_plugin):
+def test_registry_metadata_is_typed_and_normalised():
     entries = {e.name: e for e in list_rerankers()}
     assert entries["rrt"].metadata.inputs == entries["locore-tiny"].metadata.inputs == ("global", "local")
     assert entries["superglobal"].metadata.learned is None and entries["ames-dinov2"].metadata.learned is True
     assert entries["locore-tiny"].metadata.attn_implementations == ("transformers", "blocked")
     assert entries["gv"].metadata.columns == ("xy",) and entries["gv"].metadata.extractor == "sift"
 
-    class Sloppy:
+
+@pytest.mark.parametrize("metadata, error", [
+    ({"input": "global"}, r"unknown metadata \['input'\].*accepted"),  # a misspelt field
+    ({"_plugin": "locore_plugin.adapters.superglobal"}, r"unknown metadata \['_plugin'\]"),  # no spoofed provenance
+    ({"inputs": "global+pixels"}, r"inputs \['pixels'\] are not among"),
+], ids=["misspelt-field", "spoofed-provenance", "bad-value"])
+def test_bad_metadata_names_the_plugin_the_name_and_the_field(register_plugin, metadata, error):
+    class Plugin:
         @hookimpl
         def register_rerankers(self, register):
-            register("test-sloppy", Reverse, input="global")  # a misspelt field
+            register("test-bad-metadata", Reverse, **metadata)
 
-    register_plugin(Sloppy(), "sloppy")
-    with pytest.raises(ValueError, match=r"test-sloppy.*unknown metadata \['input'\].*accepted"):
-        list_rerankers()
-
-
-def test_a_plugin_cannot_claim_another_provenance(register_plugin):
-    class Spoof:
-        @hookimpl
-        def register_rerankers(self, register):
-            register("test-spoof", Reverse, _plugin="locore_plugin.adapters.superglobal")
-
-    register_plugin(Spoof(), "spoof")
-    with pytest.raises(ValueError, match=r"plugin 'spoof'.*unknown metadata \['_plugin'\]"):
-        list_rerankers()
-
-
-def test_bad_metadata_values_name_the_field(register_plugin):
-    class Wrong:
-        @hookimpl
-        def register_rerankers(self, register):
-            register("test-wrong", Reverse, inputs="global+pixels")
-
-    register_plugin(Wrong(), "wrong")
-    with pytest.raises(ValueError, match=r"test-wrong.*inputs \['pixels'\] are not among"):
+    register_plugin(Plugin(), "bad-metadata")
+    with pytest.raises(ValueError, match=r"plugin 'bad-metadata', re-ranker 'test-bad-metadata': " + error):
         list_rerankers()
