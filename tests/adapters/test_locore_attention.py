@@ -9,7 +9,7 @@ from transformers import LongformerConfig, LongformerModel
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
 from locore_plugin import create_reranker
-from locore_plugin.attention import BlockedLongformerSelfAttention, blocked_attention, reference_attention
+from locore_plugin.adapters.locore.attention import BlockedLongformerSelfAttention, blocked_attention, reference_attention
 
 NEG, POS = torch.finfo(torch.float32).min, torch.finfo(torch.float32).max
 
