@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from locore_plugin.checkpoints import count_blocks, save_directory
+from locore_plugin.checkpoints import count_blocks
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.nn import ATTENTION_IMPLEMENTATIONS, FUSED, SelfAttention, l2_normalize, set_attention_implementation
 from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads, loaded
@@ -215,9 +215,6 @@ class AMESReranker(PairwiseReranker):
 
     def pair_logits(self, module, query, gallery):
         return module(query["local"], ~query["mask"], gallery["local"], ~gallery["mask"])
-
-    def save_pretrained(self, directory) -> None:
-        save_directory(directory, self.module, {"method": "ames", "model": self.module.config})
 
 
 def build_ames(name: str, checkpoint=None, pretrained: bool = True, config: Optional[dict] = None, fusion="default",

@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from locore_plugin.checkpoints import save_directory
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.nn import is_layer_norm_eps_1e6, xavier_init
 from locore_plugin.pairwise import PairwiseReranker, architecture, loaded
@@ -134,9 +133,6 @@ class ElvisReranker(PairwiseReranker):
 
     def pair_logits(self, module, query, gallery):
         return module(query["local"], ~query["mask"], gallery["local"], ~gallery["mask"])
-
-    def save_pretrained(self, directory) -> None:
-        save_directory(directory, self.module, {"method": self.name or "elvis", "model": self.module.config})
 
 
 def build_elvis(name: str, checkpoint=None, pretrained: bool = True, config: Optional[dict] = None, fusion="default",

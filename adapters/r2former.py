@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locore_plugin.checkpoints import count_blocks, read_checkpoint, read_state_dict, save_directory
+from locore_plugin.checkpoints import Checkpoint, count_blocks, read_checkpoint
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.nn import (
     ATTENTION_IMPLEMENTATIONS,
@@ -281,19 +281,17 @@ def _gather_rows(points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 NESTED_PREFIX = "Reranker."
 
 
-def read_r2former_checkpoint(checkpoint) -> tuple[Optional[dict], dict[str, torch.Tensor]]:
-    """(saved config or None, the reranker's tensors under their bare official names).
+def read_r2former_checkpoint(checkpoint) -> Checkpoint:
+    """The checkpoint with the reranker's tensors under their bare official names.
 
     ``checkpoint`` is a :meth:`R2FormerReranker.save_pretrained` folder, or a file holding the bare
     ``R2Former`` state dict, the same nested as ``Reranker.*`` (and/or ``module.*``, DataParallel),
     or a whole ``GeoLocalizationNetRerank`` state dict, whose non-``Reranker.`` keys (the feature
     extractor, which this adapter does not run) are left out.
     """
-    if Path(checkpoint).is_dir():
-        return read_checkpoint(checkpoint)
-    state = read_state_dict(checkpoint, strip_prefixes=("module.", NESTED_PREFIX))
-    nested = {k[len(NESTED_PREFIX):]: v for k, v in state.items() if k.startswith(NESTED_PREFIX)}
-    return None, (nested or state)
+    read_back = read_checkpoint(checkpoint, strip_prefixes=("module.", NESTED_PREFIX))
+    nested = {k[len(NESTED_PREFIX):]: v for k, v in read_back.state.items() if k.startswith(NESTED_PREFIX)}
+    return dataclasses.replace(read_back, state=nested or read_back.state)
 
 
 # -- the re-ranker --------------------------------------------------------------------------------
@@ -377,9 +375,8 @@ class R2FormerReranker(PairwiseReranker):
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         return np.concatenate(lists), np.concatenate(items), np.concatenate(targets).astype(np.float32)
 
-    def save_pretrained(self, directory) -> None:
-        """``model.safetensors`` (bare official key names) and ``config.json`` (the architecture)."""
-        save_directory(directory, self.module, {"method": self.name or "r2former", "model": self.module.config.to_dict()})
+    def architecture_config(self) -> dict:
+        return self.module.config.to_dict()
 
 
 # The official ``R2Former(...)`` keywords that differ from ours; ``pair_depth`` has none (the

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from locore_plugin.checkpoints import count_blocks, save_directory
+from locore_plugin.checkpoints import count_blocks
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.nn import (
     ATTENTION_IMPLEMENTATIONS,
@@ -208,9 +208,6 @@ class RRTReranker(PairwiseReranker):
                     f"got {scale[bad][0].item():g}"
                 )
         return bins.where(valid, torch.zeros_like(bins))
-
-    def save_pretrained(self, directory) -> None:
-        save_directory(directory, self.module, {"method": "rrt", "model": self.module.config})
 
 
 def build_rrt(name: str, checkpoint=None, pretrained: bool = True, config: Optional[dict] = None,

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -89,24 +92,92 @@ def count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
     return len(indices)
 
 
-def save_directory(directory: PathLike, module: torch.nn.Module, config: dict, dtype: Optional[torch.dtype] = None) -> None:
-    """What ``save_pretrained`` writes: the state dict under its official key names as safetensors
-    (cast to ``dtype`` when given), beside ``config.json`` (the method's architecture config)."""
+SAVED_NAME = "reranker"  # the key of config.json that names the registry entry a folder was saved from
+# What locore-plugin 0.1 wrote instead: {"method": name, "model": config} (pair-wise) and the LoCoRE
+# config with a "variant" key. Read for one release, with a DeprecationWarning.
+_LEGACY_NAMES = ("method", "variant")
+
+
+def save_pretrained_folder(directory: PathLike, module: torch.nn.Module, reranker: str, config: dict,
+                           dtype: Optional[torch.dtype] = None) -> None:
+    """What every ``save_pretrained`` writes: the state dict under its official key names as
+    ``model.safetensors`` (cast to ``dtype`` when given), beside ``config.json``: the method's
+    architecture config with ``"reranker"``, the registry name to load it under."""
     from safetensors.torch import save_file
 
+    if SAVED_NAME in config:
+        raise ValueError(f"an architecture config may not use the key {SAVED_NAME!r}; it names the registry entry")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
              for k, v in module.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    (directory / CONFIG_FILE).write_text(json.dumps({SAVED_NAME: reranker, **config}, indent=1))
 
 
-def read_checkpoint(checkpoint: PathLike) -> tuple[Optional[dict], dict[str, torch.Tensor]]:
-    """(config, state dict) of an official checkpoint file (config None) or a ``save_pretrained`` folder."""
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds: tensors under their own names, the saved architecture config
+    (None for a bare official file) and the registry name it was saved under (when saved here)."""
+
+    state: dict[str, torch.Tensor]
+    config: Optional[dict]
+    reranker: Optional[str]
+    source: str
+
+    def check_name(self, name: str) -> None:
+        """A folder saved under another registry name loads (its config wins), with a warning:
+        the named entry's non-architecture defaults (fusion constants, say) are not the saved one's."""
+        if self.reranker is not None and self.reranker != name:
+            warnings.warn(f"{self.source} was saved from {self.reranker!r} and is loaded as {name!r}", stacklevel=3)
+
+
+def read_checkpoint(checkpoint: PathLike, strip_prefixes: Iterable[str] = (), config_beside: bool = False) -> Checkpoint:
+    """The one checkpoint reader: a ``save_pretrained`` folder (``model.safetensors`` +
+    ``config.json``; without the config its tensors are read as a bare official file), an official weights file (``.safetensors``, ``.pt``/``.pth`` containers, see
+    :func:`read_state_dict`), or, when no such path exists, a Hugging Face hub id (fetched only when
+    the hub is reachable). ``config_beside``: a weights file takes the ``config.json`` in its
+    folder as its config (the layout LoCoRE's official releases use)."""
+    path = _local_path(checkpoint)
+    if path.is_dir():  # its config.json may be missing: a bare official release
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{path} holds no {WEIGHTS_FILE} (pass a weights file itself, or a save_pretrained folder)")
+        config_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    else:
+        config_file, weights = (path.parent / CONFIG_FILE if config_beside else None), path
+    state = read_state_dict(weights, strip_prefixes)
+    if config_file is None or not config_file.is_file():
+        return Checkpoint(state, None, None, str(path))
+    config, name = _saved_config(json.loads(config_file.read_text()), config_file)
+    return Checkpoint(state, config, name, str(path))
+
+
+def _saved_config(saved: dict, source: Path) -> tuple[dict, Optional[str]]:
+    """(architecture config, registry name) of a config.json, in today's schema or 0.1's."""
+    saved = dict(saved)
+    if SAVED_NAME in saved:
+        return saved, saved.pop(SAVED_NAME)
+    legacy = next((key for key in _LEGACY_NAMES if key in saved), None)
+    if legacy is None:
+        return saved, None  # an official config.json (e.g. a LoCoRE release): no registry name
+    warnings.warn(f"{source} is in the locore-plugin 0.1 layout ({legacy!r}); save it again to write the current one",
+                  DeprecationWarning, stacklevel=4)
+    name = saved.pop(legacy)
+    return (saved["model"] if legacy == "method" else saved), name
+
+
+def _local_path(checkpoint: PathLike) -> Path:
     path = Path(checkpoint)
-    if path.is_dir():
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is a folder without {CONFIG_FILE}; pass the weights file itself")
-        return json.loads((path / CONFIG_FILE).read_text()), read_state_dict(path / WEIGHTS_FILE)
-    return None, read_state_dict(path)
+    if path.exists():
+        return path
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(checkpoint)) is None:
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(checkpoint), allow_patterns=[WEIGHTS_FILE, CONFIG_FILE]))
+    except Exception as error:  # offline, unknown repo, no huggingface_hub: all mean "not available here"
+        raise FileNotFoundError(
+            f"checkpoint {str(checkpoint)!r} is not a local path and could not be fetched from the Hugging Face hub "
+            f"({type(error).__name__}: {error}). Download it elsewhere and pass its folder."
+        ) from error

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import load_strict, read_checkpoint
+from .checkpoints import Checkpoint, load_strict, read_checkpoint, save_pretrained_folder
 from .features import ImageFeatures, stack_globals, stack_locals
 from .fusion import fuse_scores
 from .interface import RerankResult, TrainableReranker, ranked
@@ -206,6 +206,20 @@ class PairwiseReranker(TrainableReranker):
             raise FloatingPointError(f"{self.method}: the model produced non-finite logits (dtype {self.dtype})")
         return out
 
+    # -- saving ---------------------------------------------------------------------------------
+
+    def architecture_config(self) -> dict:
+        """The architecture config ``save_pretrained`` writes (the factory's ``config`` keys)."""
+        return dict(self.module.config)
+
+    def save_pretrained(self, directory) -> None:
+        """``model.safetensors`` (official key names) and ``config.json`` (the architecture and the
+        registry name), which ``create_reranker(name, checkpoint=directory)`` loads."""
+        if not self.name:
+            raise ValueError(f"{type(self).__name__}.save_pretrained needs the registry name it loads under: "
+                             "build it with create_reranker()")
+        save_pretrained_folder(directory, self.module, self.name, self.architecture_config())
+
     # -- training -------------------------------------------------------------------------------
 
     def sample_pairs(self, labels: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,7 +267,7 @@ def architecture(
     official_names: Optional[dict[str, str]] = None,
     fixed: Optional[dict[str, tuple[Callable[[Any], bool], str]]] = None,
     ignored: tuple[str, ...] = (),
-    read: Callable = read_checkpoint,
+    read: Callable[[Any], Checkpoint] = read_checkpoint,
 ) -> tuple[dict, Optional[dict]]:
     """The architecture settings of a pair-wise method and its checkpoint's tensors (None without one).
 
@@ -278,8 +292,10 @@ def architecture(
         )
     settings, state = dict(defaults), None
     if checkpoint is not None:
-        saved, state = read(checkpoint)
-        settings.update(saved["model"] if saved is not None else sizes_from_state(state))
+        read_back = read(checkpoint)
+        read_back.check_name(name)
+        state = read_back.state
+        settings.update(read_back.config if read_back.config is not None else sizes_from_state(state))
     settings.update(_our_names(name, overrides or {}, set(settings), official_names or {}, fixed or {}, ignored))
     return settings, state
 

@@ -1,9 +1,11 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from locore_plugin.checkpoints import StateDictMismatchError, load_strict, read_state_dict
+from locore_plugin.checkpoints import StateDictMismatchError, load_strict, read_checkpoint, read_state_dict, save_pretrained_folder
 
 
 def tiny():
@@ -53,3 +55,50 @@ def test_reads_training_checkpoints_with_numpy_metrics(tmp_path):
     torch.save({"epoch_num": 3, "model_state_dict": state, "recalls": np.array([0.5, 0.7]), "best": np.float64(0.7)}, tmp_path / "best.pth")
     loaded = read_state_dict(tmp_path / "best.pth")
     assert loaded.keys() == state.keys()
+
+
+def test_save_pretrained_folder_round_trip_carries_the_registry_name(tmp_path):
+
+    module = torch.nn.Linear(2, 1)
+    save_pretrained_folder(tmp_path / "m", module, "ames-dinov2", {"hidden": 3}, dtype=torch.float16)
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == {"reranker": "ames-dinov2", "hidden": 3}
+    read_back = read_checkpoint(tmp_path / "m")
+    assert read_back.config == {"hidden": 3} and read_back.reranker == "ames-dinov2"
+    assert read_back.state["weight"].dtype == torch.float16
+    torch.testing.assert_close(read_back.state["weight"].float(), module.weight.detach().half().float())
+    read_back.check_name("ames-dinov2")  # silent
+    with pytest.warns(UserWarning, match="saved from 'ames-dinov2' and is loaded as 'ames-768'"):
+        read_back.check_name("ames-768")
+    with pytest.raises(ValueError, match="'reranker'"):
+        save_pretrained_folder(tmp_path / "n", module, "x", {"reranker": 1})
+    with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):
+        read_checkpoint(tmp_path)  # a folder that is no saved model
+    (tmp_path / "m" / "config.json").unlink()
+    assert read_checkpoint(tmp_path / "m").config is None  # a bare release: sizes come from the tensors
+
+
+def test_reads_the_0_1_layouts_with_a_deprecation_warning(tmp_path):
+
+    save_pretrained_folder(tmp_path, torch.nn.Linear(2, 1), "rrt", {})
+    for legacy, expected in (({"method": "rrt", "model": {"d_model": 8}}, {"d_model": 8}),
+                             ({"variant": "locore-tiny", "local_dim": 8}, {"local_dim": 8})):
+        (tmp_path / "config.json").write_text(json.dumps(legacy))
+        with pytest.warns(DeprecationWarning, match="0.1 layout"):
+            read_back = read_checkpoint(tmp_path)
+        assert read_back.config == expected and read_back.reranker == next(iter(legacy.values()))
+
+
+def test_weights_file_takes_the_config_beside_it_only_when_asked(tmp_path):
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "weights.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 4}))
+    assert read_checkpoint(tmp_path / "weights.safetensors").config is None
+    assert read_checkpoint(tmp_path / "weights.safetensors", config_beside=True).config == {"hidden_size": 4}
+
+
+def test_missing_path_and_unreachable_hub_id_are_clear_errors(tmp_path):
+
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        read_checkpoint(tmp_path / "none.pt")
+    with pytest.raises(FileNotFoundError, match="not a local path and could not be fetched"):
+        read_checkpoint("no-such-user-locore/no-such-model")  # no network here, or no such repo

@@ -185,14 +185,3 @@ def test_top_k_reranks_the_head_and_keeps_the_tail(data):
     np.testing.assert_array_equal(result.order, np.r_[full.order, np.arange(3, len(s))])
     np.testing.assert_array_equal(result.scores, np.r_[full.scores, given[3:]])
     assert make(top_k=100).rerank(q, s).order.tolist() == make().rerank(q, s).order.tolist()
-
-
-def test_save_directory_round_trip(tmp_path):
-    from locore_plugin.checkpoints import read_checkpoint, save_directory
-
-    module = MeanDot()
-    save_directory(tmp_path / "m", module, {"hidden": 3})
-    config, state = read_checkpoint(tmp_path / "m")
-    assert config == {"hidden": 3} and list(state) == ["scale"] and state["scale"].item() == 2.0
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        read_checkpoint(tmp_path)

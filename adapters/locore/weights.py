@@ -1,41 +1,32 @@
-"""Reading and writing LoCoRE weights: a ``save_pretrained`` folder, an official
-``model.safetensors`` (architecture from a ``config.json`` beside it or from the tensors), or a hub id."""
+"""Reading and writing LoCoRE weights through the shared checkpoint reader: a ``save_pretrained``
+folder, an official ``model.safetensors`` (architecture from the ``config.json`` beside it, the
+layout of the official releases, or else from the tensors), or a hub id."""
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from locore_plugin.checkpoints import CONFIG_FILE, WEIGHTS_FILE, read_state_dict, save_directory
+from locore_plugin.checkpoints import read_checkpoint as read_any_checkpoint
+from locore_plugin.checkpoints import save_pretrained_folder
 
 from .configuration import LocoreConfig
 from .modeling import LocoreModel
 
 
 def save_checkpoint(model: LocoreModel, directory, variant: str) -> None:
-    """Write a model (float32) so that ``create_reranker(variant, checkpoint=directory)`` loads it."""
-    save_directory(directory, model, {**model.config.to_json(), "variant": variant}, dtype=torch.float32)
+    """Write a model (float32) so that ``create_reranker(variant, checkpoint=directory)`` loads it;
+    ``config.json`` is the official layout plus the registry name."""
+    save_pretrained_folder(directory, model, variant, model.config.to_json(), dtype=torch.float32)
 
 
 def read_checkpoint(checkpoint, variant: str) -> tuple[dict[str, torch.Tensor], LocoreConfig]:
     """State dict and architecture of a checkpoint folder, file or hub id."""
-    path = Path(checkpoint)
-    if not path.exists():
-        if _looks_like_hub_id(str(checkpoint)):
-            path = _download(str(checkpoint))
-        else:
-            raise FileNotFoundError(f"LoCoRE checkpoint not found: {checkpoint}")
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} holds no {WEIGHTS_FILE}")
-    state = read_state_dict(weights)
-    config_file = weights.parent / CONFIG_FILE
-    if config_file.is_file():
-        return state, LocoreConfig.from_json(json.loads(config_file.read_text()), str(config_file))
-    return state, _config_from_state(variant, state)
+    read_back = read_any_checkpoint(checkpoint, config_beside=True)
+    read_back.check_name(variant)
+    if read_back.config is not None:
+        return read_back.state, LocoreConfig.from_json(read_back.config, read_back.source)
+    return read_back.state, _config_from_state(variant, read_back.state)
 
 
 def _config_from_state(variant: str, state: dict[str, torch.Tensor]) -> LocoreConfig:
@@ -49,20 +40,3 @@ def _config_from_state(variant: str, state: dict[str, torch.Tensor]) -> LocoreCo
     if positions is not None:
         dims["max_position_embeddings"] = int(positions.shape[0])
     return replace(config, **dims)
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None
-
-
-def _download(repo_id: str) -> Path:
-    """Fetch ``model.safetensors`` (+ ``config.json``) of a hub model; a clear error when the hub is unreachable."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=[WEIGHTS_FILE, CONFIG_FILE]))
-    except Exception as error:  # offline, unknown repo, no huggingface_hub: all mean "not available here"
-        raise FileNotFoundError(
-            f"LoCoRE checkpoint {repo_id!r} is not a local path and could not be fetched from the Hugging Face hub "
-            f"({type(error).__name__}: {error}). Download it elsewhere and pass its folder."
-        ) from error

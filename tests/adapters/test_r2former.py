@@ -201,7 +201,7 @@ def test_save_pretrained_round_trip(tmp_path, data):
     reranker = tiny_reranker()
     reranker.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert saved == {"method": "r2former", "model": R2FormerConfig(**TINY).to_dict()}
+    assert saved == {"reranker": "r2former", **R2FormerConfig(**TINY).to_dict()}
     keys = read_state_dict(tmp_path / "saved" / "model.safetensors").keys()
     assert "blocks_2.0.attn.qkv.weight" in keys and "decoder_pred.bias" in keys and "ratio" in keys
     again = create_reranker("r2former", checkpoint=tmp_path / "saved", query_length=12, gallery_length=10)
@@ -220,7 +220,7 @@ def test_checkpoint_mismatch_names_the_keys(tmp_path):
         build_module("r2former", tmp_path / "bad.pth", {**TINY, "hidden": 8})
     with pytest.raises(FileNotFoundError):
         create_reranker("r2former", checkpoint=tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):
         create_reranker("r2former", checkpoint=tmp_path)
     with pytest.raises(ValueError, match="pretrained=False"):
         create_reranker("r2former")
