@@ -16,11 +16,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import count_blocks
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.nn import ATTENTION_IMPLEMENTATIONS, FUSED, SelfAttention, l2_normalize, set_attention_implementation
+from locore_plugin.nn import (
+    ATTENTION_IMPLEMENTATIONS,
+    FUSED,
+    LayerStack,
+    SelfAttention,
+    l2_normalize,
+    set_attention_implementation,
+)
+from locore_plugin.nn import activation as activation_function
 from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads, loaded
 
 # conf/model/ames.yaml, with local_dim from the descriptor type (DINOv2 ViT-B/14: 768, CVNet: 1024).
@@ -49,7 +56,6 @@ DESCRIPTIONS = {
     "ames-cvnet-binary": "AMES (ECCV 2024) on CVNet local descriptors, ITQ-binarised",
     "ames-768": "AMES* (LoCoRE supplementary): AMES with 768 hidden size on DINOv2 local descriptors",
 }
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 # The shared pair-wise options this method sets apart from their defaults: the official README
 # run's 600 query and 50 database locals (truncation keeps the highest detector weights).
 RUNTIME = dict(query_length=600, gallery_length=50)
@@ -103,7 +109,7 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.activation = _ACTIVATIONS[activation]
+        self.activation = activation_function(activation)
         self.normalize_before = normalize_before
 
     def forward(self, x, padding, within, across):
@@ -125,26 +131,6 @@ class DecoderLayer(nn.Module):
         return self.norm3(x + ff(x))
 
 
-class Decoder(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            DecoderLayer(config["model_dim"], config["nhead"], config["dim_feedforward"], config["activation"],
-                         config["normalize_before"])
-            for _ in range(config["num_encoder_layers"])
-        )
-        self.norm = nn.LayerNorm(config["model_dim"]) if config["normalize_before"] else None
-        self.gradient_checkpointing = False  # recompute each layer in backward (training memory)
-
-    def forward(self, x, padding, within, across):
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, padding, within, across, use_reentrant=False)
-            else:
-                x = layer(x, padding, within, across)
-        return x if self.norm is None else self.norm(x)
-
-
 class AMES(nn.Module):
     """``forward(src_local, src_mask, tgt_local, tgt_mask) -> (B,)`` logits; masks True = padding
     (the official convention); src = query, tgt = database image."""
@@ -159,14 +145,14 @@ class AMES(nn.Module):
             self.remap_local = nn.Sequential(BinarizationLayer(config["local_dim"], dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
         else:
             self.remap_local = nn.Sequential(nn.Linear(config["local_dim"], dim), nn.LayerNorm(dim))
-        self.decoder = Decoder(config)
+        self.decoder = LayerStack(
+            (DecoderLayer(dim, config["nhead"], config["dim_feedforward"], config["activation"], config["normalize_before"])
+             for _ in range(config["num_encoder_layers"])),
+            nn.LayerNorm(dim) if config["normalize_before"] else None,
+        )
         self.classifier = nn.Linear(dim, 1)
         self.apply(_official_init)
         nn.init.trunc_normal_(self.mtc_token, std=0.02)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Recompute each layer's activations in backward (the shared trainer's option)."""
-        self.decoder.gradient_checkpointing = True
 
     def forward(self, src_local, src_mask, tgt_local, tgt_mask):
         src = self.remap_local(l2_normalize(src_local))
@@ -233,8 +219,7 @@ def build_ames(name: str, checkpoint=None, pretrained: bool = True, config: Opti
     (``nn.MultiheadAttention``'s own forward, for equivalence checks and ``locore-plugin bench``)."""
     settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "pavelsuma/ames",
                                    sizes_from_state=sizes_from_state, ignored=IGNORED_OFFICIAL)
-    if settings["activation"] not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {settings['activation']!r}")
+    activation_function(settings["activation"])  # an unknown one fails here, before any weights are built
     if settings["binarized"] != CONFIGS[name]["binarized"]:
         kind = "an ITQ-binarised" if settings["binarized"] else "a full-precision"
         raise ValueError(

@@ -13,19 +13,19 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from locore_plugin.checkpoints import count_blocks
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.nn import (
     ATTENTION_IMPLEMENTATIONS,
     FUSED,
+    LayerStack,
     SelfAttention,
     allowed_keys,
     l2_normalize,
     set_attention_implementation,
 )
+from locore_plugin.nn import activation as activation_function
 from locore_plugin.pairwise import PairwiseReranker, architecture, check_heads, loaded
 
 # RRT_GLD/models/ingredient.py, named config RRT (seq_len and dim_K only served the unused Linformer).
@@ -53,7 +53,6 @@ DESCRIPTIONS = {
 # checkpoints were trained with. This reproduces it.
 SCALES = (0.5, 0.70710677, 1.0, 1.41421354, 2.0, 2.82842708, 4.0)
 SEGMENTS = {"query_local": 0, "gallery_local": 1, "cls": 2, "sep": 3, "query_global": 4, "gallery_global": 5}
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 # The shared pair-wise options this method sets apart from their defaults (the official 500 locals).
 RUNTIME = dict(query_length=500, gallery_length=500)
 # What the ``scale`` column holds: DELG scale values (binned as above), or the scale-pyramid level
@@ -92,7 +91,7 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        self.activation = _ACTIVATIONS[activation]
+        self.activation = activation_function(activation)
         self.normalize_before = normalize_before
 
     def forward(self, x, allowed):
@@ -109,26 +108,6 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + ff(x))
 
 
-class Encoder(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            EncoderLayer(config["d_model"], config["nhead"], config["dim_feedforward"], config["dropout"],
-                         config["activation"], config["normalize_before"])
-            for _ in range(config["num_encoder_layers"])
-        )
-        self.norm = nn.LayerNorm(config["d_model"]) if config["normalize_before"] else None
-        self.gradient_checkpointing = False  # recompute each layer in backward (training memory)
-
-    def forward(self, x, allowed):
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, allowed, use_reentrant=False)
-            else:
-                x = layer(x, allowed)
-        return x if self.norm is None else self.norm(x)
-
-
 class MatchERT(nn.Module):
     """``forward(src_global, src_local, src_mask, src_scales, tgt_global, tgt_local, tgt_mask,
     tgt_scales) -> (B,)`` logits; masks True = padding and scales are bin indices, as officially
@@ -138,7 +117,11 @@ class MatchERT(nn.Module):
         super().__init__()
         self.config = dict(config)
         d = config["d_model"]
-        self.encoder = Encoder(config)
+        self.encoder = LayerStack(
+            (EncoderLayer(d, config["nhead"], config["dim_feedforward"], config["dropout"], config["activation"],
+                          config["normalize_before"]) for _ in range(config["num_encoder_layers"])),
+            nn.LayerNorm(d) if config["normalize_before"] else None,
+        )
         self.remap = nn.Linear(config["d_global"], d)
         self.scale_encoder = nn.Embedding(len(SCALES), d)
         self.seg_encoder = nn.Embedding(len(SEGMENTS), d)
@@ -146,10 +129,6 @@ class MatchERT(nn.Module):
         for p in self.parameters():  # the official _reset_parameters
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Recompute each layer's activations in backward (the shared trainer's option)."""
-        self.encoder.gradient_checkpointing = True
 
     def forward(self, src_global, src_local, src_mask, src_scales, tgt_global, tgt_local, tgt_mask, tgt_scales):
         seg = self.seg_encoder.weight
@@ -229,8 +208,7 @@ def build_rrt(name: str, checkpoint=None, pretrained: bool = True, config: Optio
     settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "uvavision/RerankingTransformer",
                                    sizes_from_state=sizes_from_state, official_names=OFFICIAL_NAMES,
                                    ignored=IGNORED_OFFICIAL)
-    if settings["activation"] not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {settings['activation']!r}")
+    activation_function(settings["activation"])  # an unknown one fails here, before any weights are built
     check_heads(name, settings["d_model"], settings["nhead"], "d_model", "nhead")
     return RRTReranker(set_attention_implementation(loaded(MatchERT(settings), state, checkpoint), attn_implementation),
                        scale_column=DEFAULT_SCALE_COLUMN[name] if scale_column is None else scale_column,

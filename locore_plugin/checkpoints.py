@@ -133,11 +133,12 @@ class Checkpoint:
 
 
 def read_checkpoint(checkpoint: PathLike, strip_prefixes: Iterable[str] = (), config_beside: bool = False) -> Checkpoint:
-    """The one checkpoint reader: a ``save_pretrained`` folder (``model.safetensors`` +
-    ``config.json``; without the config its tensors are read as a bare official file), an official weights file (``.safetensors``, ``.pt``/``.pth`` containers, see
-    :func:`read_state_dict`), or, when no such path exists, a Hugging Face hub id (fetched only when
-    the hub is reachable). ``config_beside``: a weights file takes the ``config.json`` in its
-    folder as its config (the layout LoCoRE's official releases use)."""
+    """The one checkpoint reader. ``checkpoint``: a ``save_pretrained`` folder
+    (``model.safetensors`` + ``config.json``; without the config, its tensors are read as a bare
+    official file), an official weights file (``.safetensors``, or a ``.pt``/``.pth`` container, see
+    :func:`read_state_dict`), or, when no such path exists, a Hugging Face hub id (fetched only where
+    the hub is reachable). ``config_beside``: a weights file takes the ``config.json`` in its folder
+    as its config (the layout LoCoRE's official releases use)."""
     path = _local_path(checkpoint)
     if path.is_dir():  # its config.json may be missing: a bare official release
         if not (path / WEIGHTS_FILE).is_file():

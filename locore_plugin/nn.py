@@ -20,8 +20,10 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 REFERENCE, FUSED = "reference", "sdpa"
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # the official encoders' ``activation`` choices
 ATTENTION_IMPLEMENTATIONS = (REFERENCE, FUSED)  # the reference first: registry metadata ``attn_implementations``
 
 
@@ -150,3 +152,36 @@ def is_layer_norm_eps_1e6(value) -> bool:
     if isinstance(value, functools.partial):
         return value.func is nn.LayerNorm and value.keywords == {"eps": 1e-6} and not value.args
     return isinstance(value, str) and value.replace(" ", "") in ("partial(nn.LayerNorm,eps=1e-6)", "partial(nn.LayerNorm,eps=1e-06)")
+
+
+def activation(name: str):
+    """The FFN activation of an official ``activation=`` keyword; an unknown one is an error that lists them."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+class LayerStack(nn.Module):
+    """The official encoder/decoder container (``layers``, then a final ``norm`` in pre-norm models
+    only: those state-dict names), whose layers can recompute their activations in backward.
+
+    ``forward(x, *args)`` runs ``layer(x, *args)`` in turn; the shared trainer's
+    ``gradient_checkpointing = true`` finds :meth:`gradient_checkpointing_enable` here."""
+
+    def __init__(self, layers, norm: Optional[nn.Module] = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Recompute each layer in backward (non-reentrant, which DDP supports)."""
+        self.gradient_checkpointing = True
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, *args, use_reentrant=False)
+            else:
+                x = layer(x, *args)
+        return x if self.norm is None else self.norm(x)

@@ -108,3 +108,28 @@ def test_reference_implementation_equals_the_fused_one_values_and_gradients(patt
     torch.testing.assert_close(grads["sdpa"][1], grads["reference"][1], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="unknown attn_implementation"):
         set_attention_implementation(fused, "flash")
+
+
+def test_layer_stack_checkpointing_gives_the_same_gradients():
+    """LayerStack (the AMES decoder / RRT encoder container) with gradient checkpointing on:
+    the same output and gradients as without, only in training mode."""
+    from locore_plugin.nn import LayerStack, activation
+
+    torch.manual_seed(0)
+    stack = LayerStack([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)], torch.nn.LayerNorm(4))
+    x = torch.randn(3, 4, requires_grad=True)
+    plain = stack(x)
+    (gx,) = torch.autograd.grad(plain.square().sum(), x)
+    stack.gradient_checkpointing_enable()
+    calls = []
+    stack.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    again = stack(x)
+    (gx_again,) = torch.autograd.grad(again.square().sum(), x)
+    assert len(calls) == 2  # recomputed in backward
+    torch.testing.assert_close(again, plain)
+    torch.testing.assert_close(gx_again, gx)
+    assert list(stack.state_dict()) == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias",
+                                        "norm.weight", "norm.bias"]
+    assert "norm.weight" not in LayerStack([torch.nn.Linear(4, 4)]).state_dict()
+    with pytest.raises(ValueError, match=r"activation must be one of \['gelu', 'relu'\], got 'tanh'"):
+        activation("tanh")
