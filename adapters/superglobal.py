@@ -14,7 +14,7 @@ import torch
 
 from locore_plugin.features import stack_globals
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.interface import ImageReranker, RerankResult
+from locore_plugin.interface import ImageReranker, RerankResult, with_tail
 from locore_plugin.runtime import resolve_device, resolve_dtype
 
 
@@ -45,7 +45,8 @@ class SuperGlobalReranker(ImageReranker):
                     raise ValueError(f"query global dimension {q.shape[1]} != gallery global dimension {x.shape[2]}")
                 local_order, scores = self.refine(q.to(self.device, self.dtype), x.to(self.device, self.dtype))
                 for row, i in enumerate(batch):
-                    results[i] = _assemble(local_order[row], scores[row], shortlists[i], global_scores[i], depth)
+                    head = RerankResult(order=local_order[row], scores=scores[row])
+                    results[i] = with_tail(head, global_scores[i], len(shortlists[i]))
         return results
 
     @torch.inference_mode()
@@ -71,15 +72,6 @@ class SuperGlobalReranker(ImageReranker):
         final_order = torch.gather(dba_order, 1, torch.argsort(final_sorted, dim=-1, descending=True))
         final_scores = torch.empty_like(final_sorted).scatter_(1, dba_order, final_sorted)
         return final_order.cpu().numpy(), final_scores.float().cpu().numpy()
-
-
-def _assemble(local_order, scores, shortlist, incoming, depth) -> RerankResult:
-    tail = np.arange(depth, len(shortlist))
-    tail_scores = incoming[depth:] if incoming is not None else np.zeros(len(tail), np.float32)
-    return RerankResult(
-        order=np.concatenate([local_order, tail]).astype(np.int64),
-        scores=np.concatenate([scores, tail_scores]).astype(np.float32),
-    )
 
 
 @hookimpl

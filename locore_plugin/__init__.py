@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .extractors import ImageExtractor, create_extractor, list_extractors
 from .features import ImageFeatures
 from .hookspecs import hookimpl
-from .interface import ImageReranker, RerankResult, TrainableReranker, ranked
+from .interface import ImageReranker, RerankResult, TrainableReranker, ranked, with_tail
 from .metrics import compute_map
 from .pickles import read_pickle
 from .post_import import when_imported as _when_imported
@@ -32,5 +32,5 @@ except PackageNotFoundError:  # pragma: no cover - a source tree that was never 
 __all__ = [
     "ImageExtractor", "ImageFeatures", "ImageReranker", "RerankResult", "TrainableReranker", "UnknownNameError",
     "__version__", "compute_map", "create_extractor", "create_reranker", "hookimpl", "list_extractors",
-    "list_rerankers", "ranked", "read_pickle",
+    "list_rerankers", "ranked", "read_pickle", "with_tail",
 ]

@@ -93,6 +93,18 @@ def _global_scores(query, shortlist, given, index) -> Optional[np.ndarray]:
     return gallery @ query.global_desc
 
 
+def with_tail(head: RerankResult, incoming: Optional[np.ndarray], length: int) -> RerankResult:
+    """The one rule for a re-ranker that re-orders only the first ``len(head.order)`` items of a
+    shortlist of ``length`` (its ``top_k``): the head in its new order with its new scores, then the
+    tail in its incoming order with its incoming scores (0 where there are none)."""
+    depth = len(head.order)
+    if len(head.scores) != depth or depth > length:
+        raise ValueError(f"a head of {depth} items (with {len(head.scores)} scores) does not fit a shortlist of {length}")
+    tail = np.zeros(length - depth, np.float32) if incoming is None else np.asarray(incoming, np.float32)[depth:length]
+    return RerankResult(order=np.concatenate([head.order, np.arange(depth, length)]).astype(np.int64),
+                        scores=np.concatenate([head.scores, tail]).astype(np.float32))
+
+
 def ranked(scores: np.ndarray) -> RerankResult:
     """The result that orders a shortlist by descending score (stable for ties)."""
     scores = np.asarray(scores, dtype=np.float32)

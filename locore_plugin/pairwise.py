@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .checkpoints import Checkpoint, load_strict, read_checkpoint, save_pretrained_folder
 from .features import ImageFeatures, stack_globals, stack_locals
 from .fusion import fuse_scores
-from .interface import RerankResult, TrainableReranker, ranked
+from .interface import TrainableReranker, ranked, with_tail
 from .nn import REFERENCE, attention_layers
 from .progress import progress
 from .runtime import resolve_device, resolve_dtype
@@ -172,13 +172,7 @@ class PairwiseReranker(TrainableReranker):
                 head = ranked(fuse_scores(incoming[:depth], logit, *self.fusion))
             else:
                 head = ranked(self.scores_from_logits(logit))
-            tail = np.zeros(len(shortlist) - depth, np.float32) if incoming is None else incoming[depth:]
-            results.append(
-                RerankResult(
-                    order=np.concatenate([head.order, np.arange(depth, len(shortlist))]).astype(np.int64),
-                    scores=np.concatenate([head.scores, tail]).astype(np.float32),
-                )
-            )
+            results.append(with_tail(head, incoming, len(shortlist)))
         return results
 
     def scores_from_logits(self, logits: np.ndarray) -> np.ndarray:

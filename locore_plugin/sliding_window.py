@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .fusion import fuse_scores
-from .interface import RerankResult
+from .interface import RerankResult, with_tail
 from .progress import progress as progress_bar
 
 ORDERS = ("end-to-start", "start-to-end")
@@ -87,7 +87,4 @@ def sliding_rerank(
             start = plans[q][step]
             current[q][start : start + len(selected)] = selected[np.argsort(-scores, kind="stable")]
             fused[q][selected] = scores
-    return [
-        RerankResult(order=np.concatenate([c, np.arange(d, len(g))]).astype(np.int64), scores=f)
-        for c, d, g, f in zip(current, depths, global_scores, fused)
-    ]
+    return [with_tail(RerankResult(order=c, scores=f[:d]), g, len(g)) for c, d, g, f in zip(current, depths, global_scores, fused)]
