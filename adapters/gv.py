@@ -30,7 +30,7 @@ class GeometricVerification(ImageReranker):
     ``pretrained`` is accepted (the rule every method shares) and changes nothing."""
 
     def __init__(self, model="homography", method="usac", threshold=0.01, iterations=1000, confidence=0.999,
-                 max_locals=1000, device="cpu", dtype="float32", batch_size=64, verbose=0, pretrained: bool = False):
+                 max_locals=1000, device=None, dtype="float32", batch_size=64, verbose=0, pretrained: bool = False):
         if model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
         if method not in METHODS:

@@ -22,7 +22,7 @@ class SuperGlobalReranker(ImageReranker):
     """Re-ranks the top ``M`` of a shortlist; items beyond ``M`` keep their order and incoming score.
     Training-free: ``pretrained`` is accepted (the rule every method shares) and changes nothing."""
 
-    def __init__(self, M=400, K=9, beta=0.15, device="cpu", dtype="float32", batch_size=64, verbose=0,
+    def __init__(self, M=400, K=9, beta=0.15, device=None, dtype="float32", batch_size=64, verbose=0,
                  pretrained: bool = False):
         if M < 1 or K < 0:
             raise ValueError(f"SuperGlobal needs M >= 1 and K >= 0, got M={M}, K={K}")

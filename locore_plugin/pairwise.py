@@ -65,7 +65,7 @@ class PairwiseReranker(TrainableReranker):
         gallery_length: int,
         fusion: Optional[tuple[float, float]] = None,
         top_k: Optional[int] = None,
-        device="cpu",
+        device=None,
         dtype="float32",
         batch_size: Optional[int] = None,
         variable_locals: Optional[int] = None,

@@ -1,7 +1,7 @@
 """Device and dtype options, spelled as in rerankers (``device="cuda"``, ``dtype="bf16"``)."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -13,11 +13,16 @@ _DTYPES = {
 }
 
 
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``None``/"auto" means CUDA when available, else CPU."""
+def resolve_device(device: Union[str, torch.device, None], local_rank: Optional[int] = None) -> torch.device:
+    """The one device rule of every method, the trainer and the benchmark: ``None``/"auto" means
+    CUDA when available, else CPU; with ``local_rank`` (a torchrun worker) a CUDA device without an
+    index is that rank's GPU."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:

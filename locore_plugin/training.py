@@ -53,7 +53,7 @@ from .interface import TrainableReranker
 from .options import parse_assignment
 from .progress import progress
 from .registry import create_reranker
-from .runtime import resolve_dtype
+from .runtime import resolve_device, resolve_dtype
 
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _SCHEDULES = ("constant", "linear", "cosine")
@@ -191,17 +191,6 @@ class Distributed:
             dist.barrier()
 
 
-def _resolve_device(spec: str, ctx: Distributed) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", ctx.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
 # -- sampling ------------------------------------------------------------------------------------
 
 
@@ -289,7 +278,9 @@ class Trainer:
         if ctx.enabled and not dist.is_initialized():
             backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
-        self.device = _resolve_device(cfg.device, ctx)
+        self.device = resolve_device(cfg.device, local_rank=ctx.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.global_batch = cfg.per_device_batch_size * cfg.grad_accumulation * ctx.world_size
         if cfg.global_batch_size is not None and cfg.global_batch_size != self.global_batch:
             raise ValueError(
