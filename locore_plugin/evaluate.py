@@ -19,11 +19,6 @@ import hashlib
 import json
 import os
 import sys
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,7 +27,7 @@ import numpy as np
 
 from .atomic import atomic_write, set_aside
 from .metrics import compute_map
-from .options import SYNTAX, parse_assignment
+from .options import SYNTAX, parse_assignment, read_recipe_file
 from .progress import progress
 from .protocols import JUNK_MODES, Protocol, check_junk_mode, get_protocol, parse_protocols, prepare_ranking
 
@@ -523,14 +518,10 @@ RECIPE_KEYS = {"datasets", "methods", "data_root", "out", "protocols", "junk", "
 def read_recipe(path) -> dict:
     """A TOML (or JSON) recipe with the keys of :class:`EvalConfig`; ``methods`` is a list of
     tables ``{name, label?, options?, stage_options?}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"recipe {path} does not exist")
-    text = path.read_text()
     try:
-        recipe = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as error:
-        raise EvaluationError(f"recipe {path}: {error}") from None
+        recipe = read_recipe_file(path)
+    except (OSError, ValueError) as error:
+        raise EvaluationError(str(error)) from None
     unknown = set(recipe) - RECIPE_KEYS
     if unknown:
         raise EvaluationError(f"recipe {path}: unknown keys {sorted(unknown)}; known: {sorted(RECIPE_KEYS)}")

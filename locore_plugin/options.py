@@ -1,5 +1,6 @@
 """The one grammar of ``KEY=VALUE`` options on every command line (eval ``--option``, train
-overrides, extract ``--option``).
+overrides, extract ``--option``), and the one reader of recipe files (TOML or JSON) that the
+training and evaluation recipes share.
 
 A value is read, first match wins, as a TOML literal (``3``, ``1e-3``, ``true``, ``"text"``,
 ``[0.5, 0.3]``, ``{ depth = 2 }``), as a Python literal (``None``, ``True``, ``(0.5, 0.3)``,
@@ -9,7 +10,9 @@ that what a Python user types and what a recipe file holds both work.
 from __future__ import annotations
 
 import ast
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -40,3 +43,30 @@ def parse_assignment(text: str, what: str = "an option") -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ValueError(f"{what} must look like {SYNTAX}; got {text!r}")
     return key.strip(), parse_value(value)
+
+
+def read_recipe_file(path, overrides=(), what: str = "recipe") -> dict:
+    """The table of a ``.toml`` or ``.json`` recipe, with ``KEY=VALUE`` overrides applied; a key may
+    be dotted (``data.topk=50``) to reach into a table. Errors (missing file, another suffix, a
+    syntax error, an override through a non-table) are ValueErrors / FileNotFoundErrors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.suffix not in (".toml", ".json"):
+        raise ValueError(f"{what} must be .toml or .json, got {path}")
+    try:
+        values = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{what} {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} {path} must hold a table, got {type(values).__name__}")
+    for item in overrides:
+        key, value = parse_assignment(item, "an override")
+        *parents, leaf = key.split(".")
+        table = values
+        for parent in parents:
+            table = table.setdefault(parent, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"override {item!r}: {parent!r} is not a table")
+        table[leaf] = value
+    return values

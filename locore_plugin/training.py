@@ -37,11 +37,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -50,7 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .atomic import atomic_write, set_aside
 from .interface import TrainableReranker
-from .options import parse_assignment
+from .options import read_recipe_file
 from .progress import progress
 from .registry import create_reranker
 from .runtime import resolve_device, resolve_dtype
@@ -141,25 +136,7 @@ def load_config(path, overrides: tuple[str, ...] = ()) -> TrainConfig:
     An override's key may be dotted (``data.topk=50``); its value follows the options grammar of
     :mod:`locore_plugin.options` (TOML or Python literals, else the text).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training config not found: {path}")
-    if path.suffix == ".toml":
-        values = tomllib.loads(path.read_text())
-    elif path.suffix == ".json":
-        values = json.loads(path.read_text())
-    else:
-        raise ValueError(f"training config must be .toml or .json, got {path}")
-    for item in overrides:
-        key, value = parse_assignment(item, "an override")
-        *parents, leaf = key.split(".")
-        table = values
-        for parent in parents:
-            table = table.setdefault(parent, {})
-            if not isinstance(table, dict):
-                raise ValueError(f"override {item!r}: {parent!r} is not a table")
-        table[leaf] = value
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(read_recipe_file(path, overrides, "training config"))
 
 
 # -- distributed context -------------------------------------------------------------------------

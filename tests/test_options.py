@@ -28,3 +28,23 @@ def test_eval_option_none_reaches_the_factory():
     apply_options(methods, ["ames-dinov2.fusion=None", "locore-tiny.alpha=0", "ames-dinov2.top_k=(100)"])
     assert methods[0].options == {"fusion": None, "top_k": 100}
     assert methods[1].stage_options == {"locore-tiny": {"alpha": 0}}
+
+
+def test_read_recipe_file_reads_toml_and_json_and_applies_dotted_overrides(tmp_path):
+    from locore_plugin.options import read_recipe_file
+
+    (tmp_path / "r.toml").write_text('lr = 1e-4\n[data]\ntopk = 100\n')
+    (tmp_path / "r.json").write_text('{"lr": 1e-4, "data": {"topk": 100}}')
+    for name in ("r.toml", "r.json"):
+        assert read_recipe_file(tmp_path / name, ["data.topk=50", "new.table.key=x"]) == {
+            "lr": 1e-4, "data": {"topk": 50}, "new": {"table": {"key": "x"}}}
+    with pytest.raises(ValueError, match="'lr' is not a table"):
+        read_recipe_file(tmp_path / "r.toml", ["lr.x=1"])
+    (tmp_path / "bad.toml").write_text("lr = = 1")
+    with pytest.raises(ValueError, match="bad.toml"):
+        read_recipe_file(tmp_path / "bad.toml")
+    (tmp_path / "r.yaml").write_text("lr: 1")
+    with pytest.raises(ValueError, match=r"must be \.toml or \.json"):
+        read_recipe_file(tmp_path / "r.yaml")
+    with pytest.raises(FileNotFoundError, match="training config not found"):
+        read_recipe_file(tmp_path / "none.toml", what="training config")
