@@ -34,6 +34,7 @@ from locore_plugin.checkpoints import load_strict, read_state_dict
 from locore_plugin.extractors import Crop, ImageExtractor
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
+from locore_plugin.options import merge_renamed, renamed_options
 from locore_plugin.runtime import resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "facebook/dinov2-with-registers-base"
@@ -61,14 +62,17 @@ class SpatialAttention2d(nn.Module):
 
 
 class Dinov2AmesExtractor(ImageExtractor):
-    def __init__(self, detector=None, model=DEFAULT_MODEL, topk=700, imsize=None, device=None, dtype="float32",
-                 batch_size=8, verbose=0):
+    def __init__(self, detector=None, model=DEFAULT_MODEL, num_locals=None, imsize=None, device=None, dtype="float32",
+                 batch_size=8, verbose=0, **deprecated):
+        given = merge_renamed({"num_locals": num_locals}, renamed_options(deprecated, {"topk": "num_locals"}, "dinov2-ames"),
+                              "dinov2-ames")
+        num_locals = 700 if given["num_locals"] is None else given["num_locals"]
         if detector is None:
             raise ValueError(
                 f"dinov2-ames needs detector=<path to the AMES detector weights, dinov2_detector.pt from {DETECTOR_URL}>"
             )
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+        if num_locals < 1:
+            raise ValueError(f"num_locals must be >= 1, got {num_locals}")
         from transformers import Dinov2WithRegistersModel
 
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
@@ -84,14 +88,14 @@ class Dinov2AmesExtractor(ImageExtractor):
         self.detector_hash = hashlib.sha1(Path(detector).read_bytes()).hexdigest()
         folder = Path(self.model_name)  # a local model folder: its files' sizes and times stand for its weights
         self.model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()) if folder.is_dir() else []
-        self.topk = self.max_locals = int(topk)
+        self.num_locals = int(num_locals)
         self.imsize = None if imsize is None else int(imsize)
         self.batch_size = int(batch_size)
         self.verbose = verbose
 
     @property
     def settings(self) -> dict:
-        return {"model": self.model_name, "model_files": self.model_files, "detector": self.detector_hash, "topk": self.topk,
+        return {"model": self.model_name, "model_files": self.model_files, "detector": self.detector_hash, "topk": self.num_locals,
                 "imsize": self.imsize, "dtype": str(self.dtype)}
 
     def preprocess(self, crop: Crop) -> np.ndarray:
@@ -137,7 +141,7 @@ class Dinov2AmesExtractor(ImageExtractor):
         descriptors, weights = self.detector(patches.transpose(1, 2)[..., None])  # a 1x1 detector ignores the layout
         descriptors, weights = descriptors[..., 0].transpose(1, 2), weights[:, 0, :, 0]  # (B, N, C), (B, N)
         global_desc = F.normalize((weights[..., None] * descriptors).mean(1), p=2, dim=-1)
-        k = min(self.topk, rows * cols)
+        k = min(self.num_locals, rows * cols)
         top_weights, ids = torch.topk(weights, k, dim=1)
         top = torch.gather(descriptors, 1, ids[..., None].expand(-1, -1, descriptors.shape[-1]))
         centres = (torch.stack([ids % cols, ids // cols], dim=-1).float() * self.patch_size + self.patch_size / 2)

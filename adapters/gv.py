@@ -19,6 +19,7 @@ import torch
 from locore_plugin.features import stack_locals
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import ImageReranker, RerankResult
+from locore_plugin.options import merge_renamed, renamed_options
 from locore_plugin.runtime import resolve_device, resolve_dtype
 
 MODELS = {"homography": 4, "fundamental": 8}  # minimal sample sizes
@@ -26,19 +27,26 @@ METHODS = {"usac": "USAC_DEFAULT", "ransac": "RANSAC"}  # cv2 constants; cv2.RAN
 
 
 class GeometricVerification(ImageReranker):
-    """``max_locals`` locals per image (strongest detector weight first) are matched. Training-free:
-    ``pretrained`` is accepted (the rule every method shares) and changes nothing."""
+    """The first ``query_length`` / ``gallery_length`` locals of each image (strongest detector
+    weight first) are matched. Training-free: ``pretrained`` is accepted (the rule every method
+    shares) and changes nothing."""
 
     def __init__(self, model="homography", method="usac", threshold=0.01, iterations=1000, confidence=0.999,
-                 max_locals=1000, device=None, dtype="float32", batch_size=64, verbose=0, pretrained: bool = False):
+                 query_length=None, gallery_length=None, device=None, dtype="float32", batch_size=64, verbose=0,
+                 pretrained: bool = False, **deprecated):
+        old = renamed_options(deprecated, {"max_locals": ("query_length", "gallery_length")}, "gv")
+        given = merge_renamed({"query_length": query_length, "gallery_length": gallery_length}, old, "gv")
+        query_length, gallery_length = (1000 if given[k] is None else given[k] for k in ("query_length", "gallery_length"))
         if model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-        if not threshold > 0 or iterations < 1 or not 0 < confidence < 1 or max_locals < 1:
-            raise ValueError("gv needs threshold > 0, iterations >= 1, 0 < confidence < 1 and max_locals >= 1")
+        if not threshold > 0 or iterations < 1 or not 0 < confidence < 1 or min(query_length, gallery_length) < 1:
+            raise ValueError("gv needs threshold > 0, iterations >= 1, 0 < confidence < 1 and query_length, "
+                             "gallery_length >= 1")
         self.model, self.method, self.threshold = model, method, float(threshold)
-        self.iterations, self.confidence, self.max_locals = int(iterations), float(confidence), int(max_locals)
+        self.iterations, self.confidence = int(iterations), float(confidence)
+        self.query_length, self.gallery_length = int(query_length), int(gallery_length)
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.batch_size = int(batch_size)
         self.verbose = verbose
@@ -47,11 +55,11 @@ class GeometricVerification(ImageReranker):
         return [self._rerank_one(q, s, g) for q, s, g in zip(queries, shortlists, global_scores)]
 
     def _rerank_one(self, query, shortlist, incoming) -> RerankResult:
-        length = min(self.max_locals, max(f.num_locals for f in [query, *shortlist]))
-        q = stack_locals([query], max(length, 1), ("xy",), method="gv")
+        length = max(1, min(self.gallery_length, max(f.num_locals for f in shortlist)))
+        q = stack_locals([query], max(1, min(self.query_length, query.num_locals)), ("xy",), method="gv")
         inliers = np.zeros(len(shortlist), np.float32)
         for start in range(0, len(shortlist), self.batch_size):
-            g = stack_locals(shortlist[start : start + self.batch_size], max(length, 1), ("xy",), method="gv")
+            g = stack_locals(shortlist[start : start + self.batch_size], length, ("xy",), method="gv")
             pairs = self.mutual_matches(q["local"][0], q["mask"][0], g["local"], g["mask"])
             for row, (qi, gi) in enumerate(pairs):
                 inliers[start + row] = self.count_inliers(q["xy"][0][qi], g["xy"][row][gi])

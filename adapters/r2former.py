@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -304,7 +305,7 @@ class R2FormerReranker(PairwiseReranker):
     """Scores each (query, gallery) pair with R2Former; the score is softmax[:, 1] of its two logits.
 
     ``pair_logits`` returns ``logit[1] - logit[0]``, whose sigmoid is softmax[:, 1]; the pair
-    binary cross-entropy on it equals the official two-class cross-entropy. ``fusion="official"``
+    binary cross-entropy on it equals the official two-class cross-entropy. ``fusion="default"``
     reproduces the official ``final_score`` (``r * global + (1 - r) * softmax[:, 1]`` with the
     checkpoint's ``ratio`` clamped to [0.1, 0.9]).
     """
@@ -316,10 +317,14 @@ class R2FormerReranker(PairwiseReranker):
 
     def __init__(self, module: R2Former, *, fusion=None, negatives_per_query: int = 10, xy_scale: Optional[float] = None,
                  **kwargs):
-        if fusion == "official":
+        if fusion == "official":  # locore-plugin 0.1's name
+            warnings.warn("r2former: fusion='official' is deprecated and will be removed in the next release; use "
+                          "fusion='default'", DeprecationWarning, stacklevel=3)
+            fusion = "default"
+        if fusion == "default":
             fusion = (module.fusion_weight(), 1.0)
         elif isinstance(fusion, str):
-            raise ValueError(f"fusion must be None, 'official' or (weight, temperature), got {fusion!r}")
+            raise ValueError(f"fusion must be None, 'default' or (weight, temperature), got {fusion!r}")
         if negatives_per_query < 1:
             raise ValueError(f"negatives_per_query must be >= 1, got {negatives_per_query}")
         if xy_scale is not None and not xy_scale > 0:
@@ -424,7 +429,7 @@ def build_r2former(name: str, checkpoint: Union[str, Path, None] = None, pretrai
     depths, MLP ratio, position table); ``heads``, ``num_corr`` and the input dimensions come
     from ``config`` or the named variant. ``config`` overrides architecture fields, under our
     names or the official ``R2Former(...)`` keywords. ``fusion``: None
-    (rank by softmax[:, 1], as the official evaluation), ``"official"`` (the official
+    (rank by softmax[:, 1], as the official evaluation), ``"default"`` (the official
     ``final_score``) or (weight, temperature). ``top_k``: re-rank only the first k (officially 100).
     ``negatives_per_query``: hard negatives per positive in training (official 10). ``xy_scale``
     divides the ``xy`` column first, for files that hold pixel positions (the longer image side).

@@ -60,7 +60,7 @@ RUNTIME = dict(query_length=500, gallery_length=500)
 SCALE_COLUMNS = ("value", "index")
 # The official TripletSampler (RRT_GLD/utils/data/utils.py: anchors with >= 5 positives among their
 # 100 neighbours, one random positive and one random negative each) is the training data's
-# pairs="triplet" with topk=100, triplet_power=0, min_positives=5 (recipes/train_rrt*.toml).
+# pairs="triplet" with list_length=100, triplet_power=0, min_positives=5 (recipes/train_rrt*.toml).
 
 
 def sizes_from_state(state: dict) -> dict:

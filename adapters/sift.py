@@ -15,20 +15,24 @@ import numpy as np
 from locore_plugin.extractors import Crop, ImageExtractor
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
+from locore_plugin.options import merge_renamed, renamed_options
 
 DIM = 128
 
 
 class SiftExtractor(ImageExtractor):
-    """``max_keypoints`` strongest SIFT keypoints of the image resized so that its longer side is
+    """``num_locals`` strongest SIFT keypoints of the image resized so that its longer side is
     at most ``imsize`` (the factor chosen on the full image, so a query crop keeps its scale)."""
 
-    def __init__(self, max_keypoints=1000, imsize=1024, batch_size=16, verbose=0):
-        if max_keypoints < 1:
-            raise ValueError(f"max_keypoints must be >= 1, got {max_keypoints}")
+    def __init__(self, num_locals=None, imsize=1024, batch_size=16, verbose=0, **deprecated):
+        given = merge_renamed({"num_locals": num_locals}, renamed_options(deprecated, {"max_keypoints": "num_locals"}, "sift"),
+                              "sift")
+        num_locals = 1000 if given["num_locals"] is None else given["num_locals"]
+        if num_locals < 1:
+            raise ValueError(f"num_locals must be >= 1, got {num_locals}")
         if imsize is not None and imsize < 16:
             raise ValueError(f"imsize must be None or >= 16, got {imsize}")
-        self.max_locals = int(max_keypoints)
+        self.num_locals = int(num_locals)
         self.imsize = None if imsize is None else int(imsize)
         self.batch_size = int(batch_size)
         self.verbose = verbose
@@ -37,12 +41,13 @@ class SiftExtractor(ImageExtractor):
     def settings(self) -> dict:
         import cv2
 
-        return {"max_keypoints": self.max_locals, "imsize": self.imsize, "opencv": cv2.__version__}
+        return {"max_keypoints": self.num_locals,  # the cache key of 0.1, kept so caches stay valid
+                "imsize": self.imsize, "opencv": cv2.__version__}
 
     def _extract_batch(self, crops: list[Crop]) -> list[ImageFeatures]:
         import cv2
 
-        sift = cv2.SIFT_create(nfeatures=self.max_locals)
+        sift = cv2.SIFT_create(nfeatures=self.num_locals)
         return [self._extract_one(sift, crop) for crop in crops]
 
     def _extract_one(self, sift, crop: Crop) -> ImageFeatures:
@@ -59,7 +64,7 @@ class SiftExtractor(ImageExtractor):
             return ImageFeatures(global_desc=np.zeros(DIM, np.float32), local=np.zeros((0, DIM), np.float32),
                                  xy=np.zeros((0, 2)), scale=np.zeros(0), weight=np.zeros(0))
         response = np.array([k.response for k in keypoints], np.float32)
-        order = np.argsort(-response, kind="stable")[: self.max_locals]
+        order = np.argsort(-response, kind="stable")[: self.num_locals]
         points = np.array([k.pt for k in keypoints], np.float32)[order]
         local = root_sift(descriptors[order])
         return ImageFeatures(

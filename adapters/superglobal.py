@@ -15,26 +15,30 @@ import torch
 from locore_plugin.features import stack_globals
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import ImageReranker, RerankResult, with_tail
+from locore_plugin.options import merge_renamed, renamed_options
 from locore_plugin.runtime import resolve_device, resolve_dtype
 
 
 class SuperGlobalReranker(ImageReranker):
-    """Re-ranks the top ``M`` of a shortlist; items beyond ``M`` keep their order and incoming score.
-    Training-free: ``pretrained`` is accepted (the rule every method shares) and changes nothing."""
+    """Re-ranks the first ``top_k`` (the paper's M) of a shortlist; items beyond keep their order
+    and incoming score. Training-free: ``pretrained`` is accepted (the rule every method shares)
+    and changes nothing."""
 
-    def __init__(self, M=400, K=9, beta=0.15, device=None, dtype="float32", batch_size=64, verbose=0,
-                 pretrained: bool = False):
-        if M < 1 or K < 0:
-            raise ValueError(f"SuperGlobal needs M >= 1 and K >= 0, got M={M}, K={K}")
-        self.M, self.K, self.beta = int(M), int(K), float(beta)
+    def __init__(self, top_k=None, K=9, beta=0.15, device=None, dtype="float32", batch_size=64, verbose=0,
+                 pretrained: bool = False, **deprecated):
+        given = merge_renamed({"top_k": top_k}, renamed_options(deprecated, {"M": "top_k"}, "superglobal"), "superglobal")
+        top_k = 400 if given["top_k"] is None else given["top_k"]
+        if top_k < 1 or K < 0:
+            raise ValueError(f"SuperGlobal needs top_k >= 1 and K >= 0, got top_k={top_k}, K={K}")
+        self.top_k, self.K, self.beta = int(top_k), int(K), float(beta)
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.batch_size = int(batch_size)
         self.verbose = verbose
 
     def _rerank_many(self, queries, shortlists, global_scores):
-        by_depth = defaultdict(list)  # queries whose re-ranked depth min(M, N) is the same run together
+        by_depth = defaultdict(list)  # queries whose re-ranked depth min(top_k, N) is the same run together
         for i, shortlist in enumerate(shortlists):
-            by_depth[min(self.M, len(shortlist))].append(i)
+            by_depth[min(self.top_k, len(shortlist))].append(i)
         results = [None] * len(queries)
         for depth, members in by_depth.items():
             for start in range(0, len(members), self.batch_size):

@@ -177,26 +177,15 @@ def _dims(reranker) -> tuple[int, int]:
 
 
 def _locals(reranker, role: str) -> int:
-    """Locals per image the re-ranker keeps (its sequence length), else the default."""
-    for name in (f"{role}_length", "num_locals", "max_locals"):
-        if getattr(reranker, name, None):
-            return int(getattr(reranker, name))
-    return DEFAULT_LOCALS
+    """Locals per image the re-ranker keeps (its ``query_length`` / ``gallery_length``, the shared
+    vocabulary), else the default (a method of global descriptors only)."""
+    return int(getattr(reranker, f"{role}_length", None) or DEFAULT_LOCALS)
 
 
 def build(name: str, device, dtype="float32", **options):
     """The registered re-ranker, with random weights where it is learned (``pretrained=False``,
     which every factory accepts: training-free ones ignore it)."""
     return create_reranker(name, device=device, dtype=dtype, pretrained=False, **options)
-
-
-def build_one_window(name: str, device, dtype, gallery: int, **options):
-    """``build``, with a sliding-window re-ranker's ``shortlist`` set to ``gallery`` (one window)
-    when its default differs (rebuilt only then)."""
-    reranker = build(name, device, dtype, **options)
-    if getattr(reranker, "shortlist", None) not in (None, gallery):
-        reranker = build(name, device, dtype, shortlist=gallery, **options)
-    return reranker
 
 
 def one_query(reranker, gallery: int, seed: int) -> tuple[ImageFeatures, list[ImageFeatures], np.ndarray]:
@@ -301,8 +290,8 @@ def bench_reranker(name: str, device="cpu", gallery: int = 100, sliding: int = 4
     device = resolve_device(device)
     settings = [(f"top-{gallery}", gallery, {})]
     reranker = build(name, device, dtype)
-    if getattr(reranker, "window", None) and getattr(reranker, "shortlist", None) and sliding:
-        settings.append((f"sliding-{sliding}", sliding, {"shortlist": sliding}))
+    if lookup(registered_rerankers(), name, "re-ranker").metadata.sliding_window and sliding:
+        settings.append((f"sliding-{sliding}", sliding, {"top_k": sliding}))
     records = []
     for setting, size, options in settings:
         if options:
@@ -341,7 +330,7 @@ def compare_attention(name: str, device="cpu", gallery: int = 100, warmup: int =
     if implementations is None:
         raise ValueError(f"{name!r} registers no attn_implementations to compare")
     device = resolve_device(device)
-    models = {impl: build_one_window(name, device, dtype, gallery, attn_implementation=impl) for impl in implementations}
+    models = {impl: build(name, device, dtype, attn_implementation=impl) for impl in implementations}
     reference_impl, fast_impl = implementations
     models[fast_impl].module.load_state_dict(models[reference_impl].module.state_dict())
     reranker = models[reference_impl]
@@ -372,8 +361,8 @@ def compare_precision(name: str, device="cpu", gallery: int = 100, seed: int = 0
     """``dtype`` against float32 on one query of ``gallery`` synthetic images: the float32 model's
     weights rounded to ``dtype``, the same input, the same attention implementation."""
     device = resolve_device(device)
-    reference = build_one_window(name, device, "float32", gallery)
-    reduced = build_one_window(name, device, dtype, gallery)
+    reference = build(name, device, "float32")
+    reduced = build(name, device, dtype)
     if getattr(reference, "module", None) is not None:
         reduced.module.load_state_dict(reference.module.state_dict())
     query, shortlist, scores = one_query(reference, gallery, seed)

@@ -22,7 +22,7 @@ from .training import train as train_run
 # Each with the options that rank by the method's own score alone (a second row; none when that is
 # already the method's default ranking), so that the table shows what each method learned.
 DEMO_TRAINING = (
-    ("train_cpu_smoke.toml", {"alpha": 0.0, "temperature": 1.0}),
+    ("train_cpu_smoke.toml", {"fusion": None}),
     ("train_cpu_smoke_ames.toml", {"fusion": None}),
     ("train_cpu_smoke_r2former.toml", {}),
     ("train_cpu_smoke_elvis.toml", {"fusion": None}),

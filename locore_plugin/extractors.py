@@ -254,7 +254,7 @@ class ImageExtractor(abc.ABC):
     """
 
     name: str = ""
-    max_locals: int = 0  # the most locals one image gets: the ``topk`` of the descriptor files
+    num_locals: int = 0  # the most locals one image gets: the ``topk`` of the descriptor files
     batch_size: int = 1
     verbose: int = 0
     cache: Optional[FeatureCache] = None
@@ -346,7 +346,7 @@ def extract_split(extractor: ImageExtractor, images: Sequence, directory, desc: 
                   bboxes: Optional[Sequence[Optional[BBox]]] = None, chunk_size: int = 64,
                   verbose: bool = True) -> tuple[Path, Path]:
     """Extract ``images`` and write ``{desc}_{split}_local.hdf5`` / ``{desc}_{split}_global.pt``
-    (official layout, ``extractor.max_locals`` rows per image) with
+    (official layout, ``extractor.num_locals`` rows per image) with
     :class:`~locore_plugin.descriptors.DescriptorWriter`.
 
     Images go through the extractor's cache in chunks, so with an on-disk cache an interrupted run
@@ -371,7 +371,7 @@ def extract_split(extractor: ImageExtractor, images: Sequence, directory, desc: 
     first = chunk(0)
     local_dim = None if first[0].local is None else first[0].local.shape[1]
     global_dim = None if first[0].global_desc is None else first[0].global_desc.shape[0]
-    with bar, DescriptorWriter(directory, desc, split, len(images), max(extractor.max_locals, 1),
+    with bar, DescriptorWriter(directory, desc, split, len(images), max(extractor.num_locals, 1),
                                local_dim, global_dim) as writer:
         writer.append(first)
         for start in chunks[1:]:
@@ -424,7 +424,7 @@ def add_extract_command(subparsers) -> None:
     parser.add_argument("--gnd", type=Path, help="gnd_<dataset>.pkl: extract its query and gallery images")
     parser.add_argument("--desc", help="descriptor name in the file names (default: the extractor name)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="extractor option (repeatable), e.g. topk=100; VALUE: a TOML or Python literal, or plain text")
+                        help="extractor option (repeatable), e.g. num_locals=100; VALUE: a TOML or Python literal, or plain text")
     parser.add_argument("--cache-dir", type=Path, help="per-image cache for resuming (default: OUT/.extract-cache)")
     parser.add_argument("--keep-cache", action="store_true", help="keep the per-image cache after success")
     parser.add_argument("--overwrite", action="store_true", help="re-write splits whose files exist")

@@ -11,7 +11,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-PROTOCOLS = {
+# revisitop's E/M/H ground-truth splits: (ok keys, junk keys). The evaluation protocols built on
+# them (Medium, Hard, Hard*: which images take part in re-ranking) are locore_plugin.protocols.
+GND_SPLITS = {
     "easy": (("easy",), ("junk", "hard")),
     "medium": (("easy", "hard"), ("junk",)),
     "hard": (("hard",), ("junk", "easy")),
@@ -30,9 +32,9 @@ def revisited_gnd(gnd: Sequence[Mapping], protocol: str) -> list[dict[str, np.nd
     if isinstance(gnd, Mapping):
         raise TypeError("revisited_gnd takes the per-query list (the pickle's 'gnd' entry), not the whole pickle")
     name = _SHORT.get(protocol.lower(), protocol.lower())
-    if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)} or E/M/H")
-    ok_keys, junk_keys = PROTOCOLS[name]
+    if name not in GND_SPLITS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(GND_SPLITS)} or E/M/H")
+    ok_keys, junk_keys = GND_SPLITS[name]
     out = []
     for q, entry in enumerate(gnd):
         missing = [k for k in (*ok_keys, *junk_keys) if k not in entry]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def parse_assignment(text: str, what: str = "an option") -> tuple[str, Any]:
 
 def read_recipe_file(path, overrides=(), what: str = "recipe") -> dict:
     """The table of a ``.toml`` or ``.json`` recipe, with ``KEY=VALUE`` overrides applied; a key may
-    be dotted (``data.topk=50``) to reach into a table. Errors (missing file, another suffix, a
+    be dotted (``data.list_length=50``) to reach into a table. Errors (missing file, another suffix, a
     syntax error, an override through a non-table) are ValueErrors / FileNotFoundErrors naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -70,3 +71,31 @@ def read_recipe_file(path, overrides=(), what: str = "recipe") -> dict:
                 raise ValueError(f"override {item!r}: {parent!r} is not a table")
         table[leaf] = value
     return values
+
+
+def renamed_options(given: dict, renames: dict, owner: str) -> dict:
+    """The options of ``given`` under today's names. ``renames`` maps an old name to its new name
+    (or to a tuple of names it sets together, e.g. LoCoRE's ``num_locals`` to ``query_length`` and
+    ``gallery_length``). Old names are accepted for one release with a DeprecationWarning; an old
+    and a new name for the same option together, or any other name, is a TypeError."""
+    unknown = sorted(set(given) - set(renames))
+    if unknown:
+        raise TypeError(f"{owner} got unexpected option(s) {unknown}")
+    out: dict = {}
+    for old, value in given.items():
+        new = renames[old]
+        targets = new if isinstance(new, tuple) else (new,)
+        warnings.warn(f"{owner}: option {old!r} is deprecated and will be removed in the next release; "
+                      f"use {' and '.join(repr(t) for t in targets)}", DeprecationWarning, stacklevel=3)
+        for target in targets:
+            out[target] = value
+    return out
+
+
+def merge_renamed(current: dict, old: dict, owner: str) -> dict:
+    """``current`` (the options under their new names, as given) updated by the renamed ``old`` ones;
+    an option given under both names is a TypeError (which one should win is not ours to guess)."""
+    both = sorted(k for k in old if current.get(k) is not None)
+    if both:
+        raise TypeError(f"{owner}: option(s) {both} given under both their new and their deprecated names")
+    return {**current, **old}

@@ -33,7 +33,12 @@ class RerankerInfo:
     reads besides the descriptors (``"scale"``, ``"weight"``, ``"xy"``). ``extractor``: the
     extractor that ``rank()`` uses on raw images when the user names none. ``attn_implementations``:
     ``(reference, fast)`` names its factory accepts as ``attn_implementation`` (the benchmark runs
-    both).
+    both). ``sliding_window``: it re-ranks a ``top_k`` longer than one model input by sliding
+    windows (the benchmark then also times a 400-candidate shortlist).
+
+    Every re-ranker speaks one vocabulary of options, which the benchmark reads back as attributes:
+    ``top_k`` (candidates re-ranked), ``query_length`` / ``gallery_length`` (locals per image),
+    ``fusion`` (``(weight, temperature)`` with the global similarity, ``"default"``, or None).
     """
 
     learned: Optional[bool] = None
@@ -41,6 +46,7 @@ class RerankerInfo:
     columns: tuple[str, ...] = ()
     extractor: Optional[str] = None
     attn_implementations: tuple[str, ...] = ()
+    sliding_window: bool = False
 
     def __post_init__(self):
         inputs = self.inputs.split("+") if isinstance(self.inputs, str) else list(self.inputs)
@@ -53,6 +59,8 @@ class RerankerInfo:
             raise ValueError(f"attn_implementations must be (reference, fast), got {self.attn_implementations}")
         if self.learned not in (None, True, False):
             raise ValueError(f"learned must be True, False or None, got {self.learned!r}")
+        if self.sliding_window not in (True, False):
+            raise ValueError(f"sliding_window must be True or False, got {self.sliding_window!r}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Sliding-window list-wise re-ranking, as LoCoRE's official evaluation does it (``eval_revisitop.py``).
 
-A list-wise model sees one query and ``window`` candidates at a time. The first ``shortlist``
+A list-wise model sees one query and ``window`` candidates at a time. The first ``top_k``
 candidates are re-ranked by sliding that window over them (end to start by default: starts
 ``S-K, S-K-stride, ..., 0``); each window is scored by the model, fused with the global
 similarity, re-sorted and written back in place, so a strong candidate can climb from the last
@@ -51,24 +51,24 @@ def sliding_rerank(
     global_scores: Sequence[np.ndarray],
     score_windows: WindowScorer,
     *,
-    shortlist: int = 400,
+    top_k: int = 400,
     window: int = 100,
     stride: int = 50,
     order: str = "end-to-start",
-    alpha: float = 0.5,
-    temperature: float = 0.1,
+    fusion: tuple[float, float] = (0.5, 0.1),
     progress: bool = False,
 ) -> list[RerankResult]:
     """Re-rank every query's list by sliding windows; ``global_scores[q]`` is query q's list in initial order.
 
     Returns per query the final order (shortlist positions, best first) and, aligned with the
-    list, the fused score ``alpha * g + (1 - alpha) * sigmoid(temperature * logit)`` each candidate
-    received in the last window that contained it; candidates beyond ``shortlist`` keep their
+    list, the fused score ``alpha * g + (1 - alpha) * sigmoid(temperature * logit)``, ``fusion =
+    (alpha, temperature)``, each candidate
+    received in the last window that contained it; candidates beyond ``top_k`` keep their
     global score.
     """
-    if shortlist < 1:
-        raise ValueError(f"shortlist must be >= 1, got {shortlist}")
-    depths = [min(len(g), shortlist) for g in global_scores]
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    depths = [min(len(g), top_k) for g in global_scores]
     plans = [window_starts(d, window, stride, order) for d in depths]
     current = [np.arange(d) for d in depths]
     fused = [np.asarray(g, np.float32).copy() for g in global_scores]
@@ -83,7 +83,7 @@ def sliding_rerank(
             raw = np.asarray(raw, np.float32)
             if raw.shape != selected.shape:
                 raise RuntimeError(f"the window scorer returned shape {raw.shape} for a window of {len(selected)}")
-            scores = fuse_scores(np.asarray(global_scores[q])[selected], raw, alpha, temperature)
+            scores = fuse_scores(np.asarray(global_scores[q])[selected], raw, *fusion)
             start = plans[q][step]
             current[q][start : start + len(selected)] = selected[np.argsort(-scores, kind="stable")]
             fused[q][selected] = scores

@@ -133,7 +133,7 @@ class TrainConfig:
 def load_config(path, overrides: tuple[str, ...] = ()) -> TrainConfig:
     """Read a recipe (``.toml`` or ``.json``) and apply ``key=value`` overrides.
 
-    An override's key may be dotted (``data.topk=50``); its value follows the options grammar of
+    An override's key may be dotted (``data.list_length=50``); its value follows the options grammar of
     :mod:`locore_plugin.options` (TOML or Python literals, else the text).
     """
     return TrainConfig.from_dict(read_recipe_file(path, overrides, "training config"))
@@ -667,7 +667,7 @@ def train(config: TrainConfig, dataset=None, validate: Optional[Callable] = None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a training recipe (.toml or .json), e.g. recipes/train_cpu_smoke.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key (dotted for tables: data.topk=50; VALUE: a TOML or Python "
+                        help="override a recipe key (dotted for tables: data.list_length=50; VALUE: a TOML or Python "
                         "literal, or plain text); repeatable")
     parser.add_argument("--output-dir", help="where checkpoints and logs go (overrides the recipe)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (with a checkpoint)")

@@ -5,7 +5,7 @@ AMES GLDv2 split): an image list ``path,landmark_id,width,height`` per line (e.g
 ``train_750k.txt``), local descriptors of every image in one HDF5 file, optionally the global
 descriptors as a raw float32 memmap, and a nearest-neighbour pickle ``[2, N, 1600]``
 (similarities, indices) over the same images. A training list is an image (the query) and its
-first ``topk`` global neighbours other than itself — the hard negatives come from the global
+first ``list_length`` global neighbours other than itself — the hard negatives come from the global
 shortlist itself — labelled 1 where the neighbour shows the same landmark. The gallery order is
 shuffled per list, as the official collator does, but from a generator seeded by
 (seed, epoch, index) instead of the global RNG, so that a resumed run sees the same lists.
@@ -15,7 +15,7 @@ only ever appears as a negative in other images' lists and is never a query itse
 
 ``pairs="triplet"`` feeds the pair-wise methods as the AMES authors train them (the
 ``TripletSampler`` of pavelsuma/ELViS ``elvis/utils/dataset_loader.py``): each list becomes the
-anchor with one positive and one negative of its first ``topk`` neighbours (their official
+anchor with one positive and one negative of its first ``list_length`` neighbours (their official
 ``num_candidates``), each drawn with probability proportional to the global similarity to the power
 ``triplet_power`` (3 officially; 0 draws uniformly, as RRT's sampler does) among those with a
 positive similarity. Only the two drawn images are read, so a list of 300 candidates costs two
@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from .atomic import atomic_write
 from .descriptors import DescriptorSet, build_shortlist, read_nn, write_descriptors, write_nn
 from .features import ImageFeatures
+from .options import merge_renamed, renamed_options
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,11 +71,11 @@ def read_image_list(path) -> np.ndarray:
 
 
 class TrainingLists(Dataset):
-    """Lists of (query, first ``topk`` global neighbours, same-landmark labels), one per image.
+    """Lists of (query, first ``list_length`` global neighbours, same-landmark labels), one per image.
 
     ``features`` is an indexable collection of :class:`ImageFeatures`, or anything with a
     ``features(indices)`` method such as :class:`~locore_plugin.descriptors.DescriptorSet`;
-    ``neighbours`` (N, >= topk) holds each image's global neighbours, best first (the image
+    ``neighbours`` (N, >= list_length) holds each image's global neighbours, best first (the image
     itself is skipped wherever it appears); ``labels`` (N,) the landmark ids (negative = a
     distractor, never a query). ``min_positives`` keeps only queries with at least that many
     same-landmark images in their list (RRT's sampler takes anchors with >= 5), ``min_negatives``
@@ -89,7 +90,7 @@ class TrainingLists(Dataset):
         features,
         neighbours: np.ndarray,
         labels: np.ndarray,
-        topk: int = 100,
+        list_length: Optional[int] = None,
         shuffle_gallery: bool = True,
         seed: int = 0,
         num_samples: Optional[int] = None,
@@ -98,6 +99,7 @@ class TrainingLists(Dataset):
         similarities: Optional[np.ndarray] = None,
         pairs: str = "list",
         triplet_power: float = 3.0,
+        **deprecated,
     ):
         neighbours = np.asarray(neighbours)
         labels = np.asarray(labels)
@@ -112,10 +114,13 @@ class TrainingLists(Dataset):
             neighbours = neighbours.astype(np.int64)
         if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= n):
             raise ValueError(f"neighbour indices must lie in [0, {n}), got [{neighbours.min()}, {neighbours.max()}]")
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
-        if neighbours.shape[1] < topk:
-            raise ValueError(f"topk={topk} but the neighbour file holds only {neighbours.shape[1]} neighbours per image")
+        given = merge_renamed({"list_length": list_length}, renamed_options(deprecated, {"topk": "list_length"}, "training data"),
+                              "training data")
+        length = 100 if given["list_length"] is None else int(given["list_length"])
+        if length < 1:
+            raise ValueError(f"list_length must be >= 1, got {length}")
+        if neighbours.shape[1] < length:
+            raise ValueError(f"list_length={length} but the neighbour file holds only {neighbours.shape[1]} neighbours per image")
         if pairs not in PAIRS:
             raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
         if similarities is not None:
@@ -129,7 +134,7 @@ class TrainingLists(Dataset):
         self.features = features
         self.neighbours = neighbours
         self.labels = labels
-        self.topk = int(topk)
+        self.list_length = length
         self.shuffle_gallery = bool(shuffle_gallery)
         self.seed = int(seed)
         self.epoch = 0
@@ -140,8 +145,8 @@ class TrainingLists(Dataset):
         if pairs == "triplet":  # an anchor must have a positive and a negative to draw
             min_positives, min_negatives = max(min_positives, 1), max(min_negatives, 1)
         if min_positives > 0 or min_negatives > 0:
-            positives = _positives_in_list(neighbours, labels, self.topk)
-            queries &= (positives >= min_positives) & (self.topk - positives >= min_negatives)
+            positives = _positives_in_list(neighbours, labels, self.list_length)
+            queries &= (positives >= min_positives) & (self.list_length - positives >= min_negatives)
         self.queries = np.flatnonzero(queries)[:num_samples]
         if len(self.queries) == 0:
             raise ValueError(
@@ -163,12 +168,12 @@ class TrainingLists(Dataset):
             raise IndexError(f"list {index} out of range [0, {len(self.queries)})")
         image = int(self.queries[index])
         keep = self.neighbours[image] != image
-        row = self.neighbours[image][keep][: self.topk]
-        if len(row) < self.topk:
-            raise ValueError(f"image {image} has only {len(row)} neighbours other than itself; topk is {self.topk}")
+        row = self.neighbours[image][keep][: self.list_length]
+        if len(row) < self.list_length:
+            raise ValueError(f"image {image} has only {len(row)} neighbours other than itself; list_length is {self.list_length}")
         rng = np.random.default_rng([self.seed, self.epoch, index])
         if self.pairs == "triplet":
-            sims = None if self.similarities is None else self.similarities[image][keep][: self.topk]
+            sims = None if self.similarities is None else self.similarities[image][keep][: self.list_length]
             return image, self._triplet(row, sims, self.labels[row] == self.labels[image], rng)
         if self.shuffle_gallery:
             row = row[rng.permutation(len(row))]
@@ -197,14 +202,14 @@ class TrainingLists(Dataset):
 PAIRS = ("list", "triplet")
 
 
-def _positives_in_list(neighbours: np.ndarray, labels: np.ndarray, topk: int) -> np.ndarray:
-    """Per image: same-landmark images among its first ``topk`` neighbours other than itself."""
-    window = neighbours[:, : topk + 1]
+def _positives_in_list(neighbours: np.ndarray, labels: np.ndarray, length: int) -> np.ndarray:
+    """Per image: same-landmark images among its first ``length`` neighbours other than itself."""
+    window = neighbours[:, : length + 1]
     own = np.arange(len(neighbours))[:, None]
     is_self = window == own
-    beyond = ~is_self.any(1)  # no self in the first topk + 1: the last column is not in the list
+    beyond = ~is_self.any(1)  # no self in the first length + 1: the last column is not in the list
     same = (labels[window] == labels[own]) & ~is_self
-    return same.sum(1) - (beyond & same[:, -1]) * (window.shape[1] > topk)
+    return same.sum(1) - (beyond & same[:, -1]) * (window.shape[1] > length)
 
 
 class _LazyDescriptors:
@@ -234,25 +239,18 @@ def open_training_lists(
     nn,
     global_desc=None,
     num_locals: Optional[int] = 48,
-    topk: int = 100,
-    shuffle_gallery: bool = True,
-    seed: int = 0,
-    num_samples: Optional[int] = None,
-    min_positives: int = 0,
-    min_negatives: int = 0,
-    pairs: str = "list",
-    triplet_power: float = 3.0,
+    **list_options,
 ) -> TrainingLists:
     """The official training files as lists: ``image_list`` (``path,landmark_id,w,h``), ``local``
-    (HDF5 [N, topk, 5 + D]), ``nn`` (pickle [2, N, >= topk + 1]), optional ``global_desc`` (raw
-    float32 [N, D]); ``num_locals`` strongest locals per image (the official default: 48 with a
-    global descriptor, 49 without). The other options are :class:`TrainingLists`'."""
+    (HDF5 [N, topk, 5 + D]), ``nn`` (pickle [2, N, >= list_length + 1]), optional ``global_desc``
+    (raw float32 [N, D]); ``num_locals`` strongest locals per image (the official default: 48 with
+    a global descriptor, 49 without). ``list_options`` are :class:`TrainingLists`' (``list_length``,
+    ``pairs``, ...)."""
     labels = read_image_list(image_list)
     similarities, neighbours = read_nn(nn)
     features = _LazyDescriptors(local, global_desc, len(labels), num_locals)
     features.features([0])  # fail now, not in a worker, when a file is missing or mis-sized
-    return TrainingLists(features, neighbours, labels, topk, shuffle_gallery, seed, num_samples, min_positives,
-                         min_negatives, similarities, pairs, triplet_power)
+    return TrainingLists(features, neighbours, labels, similarities=similarities, **list_options)
 
 
 def training_data(options: dict, seed: int = 0) -> TrainingLists:

@@ -31,7 +31,7 @@ class Probe(ImageExtractor):
     """Locals = the pixels of a 4x4 grid of the crop (descriptor = their RGB), so that positions
     and crops can be checked against the image itself."""
 
-    max_locals = 16
+    num_locals = 16
 
     def __init__(self, tag=0, fail_after=None, batch_size=2, verbose=0):
         self.tag, self.fail_after = tag, fail_after
@@ -278,8 +278,8 @@ def photos(shared_data, tmp_path):
 def test_rank_on_image_documents_equals_rerank_on_the_extracted_features(photos):
     query, gallery = photos[0], photos[1:]
     docs = [Document(document_type="image", doc_id=p.stem, image_path=str(p)) for p in gallery]
-    ranker = rerankers.Reranker("gv", extractor="sift", extractor_options={"max_keypoints": 300}, verbose=0)
-    sift = create_extractor("sift", max_keypoints=300)
+    ranker = rerankers.Reranker("gv", extractor="sift", extractor_options={"num_locals": 300}, verbose=0)
+    sift = create_extractor("sift", num_locals=300)
     expected = create_reranker("gv").rerank(sift.extract(query), sift.extract_many(gallery))
     for q in (str(query), base64.b64encode(query.read_bytes()).decode(), Document(document_type="image", image_path=str(query))):
         results = ranker.rank(q, docs)

@@ -25,19 +25,19 @@ def test_eval_option_none_reaches_the_factory():
     from locore_plugin.evaluate import MethodSpec, apply_options
 
     methods = [MethodSpec("ames-dinov2", {}), MethodSpec("superglobal+locore-tiny", {})]
-    apply_options(methods, ["ames-dinov2.fusion=None", "locore-tiny.alpha=0", "ames-dinov2.top_k=(100)"])
+    apply_options(methods, ["ames-dinov2.fusion=None", "locore-tiny.fusion=(0, 1)", "ames-dinov2.top_k=(100)"])
     assert methods[0].options == {"fusion": None, "top_k": 100}
-    assert methods[1].stage_options == {"locore-tiny": {"alpha": 0}}
+    assert methods[1].stage_options == {"locore-tiny": {"fusion": (0, 1)}}
 
 
 def test_read_recipe_file_reads_toml_and_json_and_applies_dotted_overrides(tmp_path):
     from locore_plugin.options import read_recipe_file
 
-    (tmp_path / "r.toml").write_text('lr = 1e-4\n[data]\ntopk = 100\n')
-    (tmp_path / "r.json").write_text('{"lr": 1e-4, "data": {"topk": 100}}')
+    (tmp_path / "r.toml").write_text('lr = 1e-4\n[data]\nlist_length = 100\n')
+    (tmp_path / "r.json").write_text('{"lr": 1e-4, "data": {"list_length": 100}}')
     for name in ("r.toml", "r.json"):
-        assert read_recipe_file(tmp_path / name, ["data.topk=50", "new.table.key=x"]) == {
-            "lr": 1e-4, "data": {"topk": 50}, "new": {"table": {"key": "x"}}}
+        assert read_recipe_file(tmp_path / name, ["data.list_length=50", "new.table.key=x"]) == {
+            "lr": 1e-4, "data": {"list_length": 50}, "new": {"table": {"key": "x"}}}
     with pytest.raises(ValueError, match="'lr' is not a table"):
         read_recipe_file(tmp_path / "r.toml", ["lr.x=1"])
     (tmp_path / "bad.toml").write_text("lr = = 1")

@@ -49,6 +49,6 @@ def test_the_training_bar_in_a_log_is_not_redrawn_per_step(tmp_path, capsys):
         reranker_options=dict(config=dict(local_dim=8, model_dim=8, nhead=2, num_encoder_layers=1, dim_feedforward=8),
                               query_length=5, gallery_length=5, fusion=None),
     ))
-    train(config, TrainingLists(features, neighbours, np.arange(40) % 4, topk=5))
+    train(config, TrainingLists(features, neighbours, np.arange(40) % 4, list_length=5))
     lines = _lines(io.StringIO(capsys.readouterr().err))
     assert 1 <= len([line for line in lines if line.startswith("train ames-dinov2")]) <= 3

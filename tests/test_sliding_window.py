@@ -46,7 +46,7 @@ def test_end_to_start_by_hand():
     # windows of 2, stride 1, starts 2, 1, 0:
     # [2,3] -> [3,2]: 0 1 3 2;  [1,3] -> [3,1]: 0 3 1 2;  [0,3] -> [3,0]: 3 0 1 2.
     scorer = TableScorer([LOGITS])
-    (result,) = sliding_rerank([G], scorer, shortlist=4, window=2, stride=1, alpha=0.5, temperature=1.0)
+    (result,) = sliding_rerank([G], scorer, top_k=4, window=2, stride=1, fusion=(0.5, 1.0))
     assert scorer.calls == [[(0, [2, 3])], [(0, [1, 3])], [(0, [0, 3])]]
     assert result.order.tolist() == [3, 0, 1, 2]  # 0 stays above 1: they never share a window
     np.testing.assert_allclose(result.scores, FUSED, atol=1e-7)
@@ -55,21 +55,20 @@ def test_end_to_start_by_hand():
 def test_start_to_end_by_hand():
     # starts 0, 1, 2: [0,1] -> [1,0]: 1 0 2 3;  [0,2] -> [2,0]: 1 2 0 3;  [0,3] -> [3,0]: 1 2 3 0.
     scorer = TableScorer([LOGITS])
-    (result,) = sliding_rerank([G], scorer, shortlist=4, window=2, stride=1, order="start-to-end", alpha=0.5,
-                               temperature=1.0)
+    (result,) = sliding_rerank([G], scorer, top_k=4, window=2, stride=1, order="start-to-end", fusion=(0.5, 1.0))
     assert scorer.calls == [[(0, [0, 1])], [(0, [0, 2])], [(0, [0, 3])]]
     assert result.order.tolist() == [1, 2, 3, 0]
 
 
 def test_shortlist_shorter_than_window_and_tail_beyond_shortlist():
     scorer = TableScorer([LOGITS])
-    (short,) = sliding_rerank([G], scorer, shortlist=4, window=10, stride=5, alpha=0.5, temperature=1.0)
+    (short,) = sliding_rerank([G], scorer, top_k=4, window=10, stride=5, fusion=(0.5, 1.0))
     assert scorer.calls == [[(0, [0, 1, 2, 3])]]
     assert short.order.tolist() == [3, 1, 2, 0]  # one window: plain sort by fused score
 
     six = np.array([0.4, 0.3, 0.2, 0.1, 0.05, 0.01], np.float32)
     scorer = TableScorer([LOGITS + [100.0, 100.0]])
-    (result,) = sliding_rerank([six], scorer, shortlist=4, window=10, stride=5, alpha=0.5, temperature=1.0)
+    (result,) = sliding_rerank([six], scorer, top_k=4, window=10, stride=5, fusion=(0.5, 1.0))
     assert result.order.tolist() == [3, 1, 2, 0, 4, 5]  # 4 and 5 are beyond the shortlist: never scored
     np.testing.assert_allclose(result.scores, FUSED + [0.05, 0.01], atol=1e-7)
 
@@ -77,19 +76,19 @@ def test_shortlist_shorter_than_window_and_tail_beyond_shortlist():
 def test_queries_share_steps_and_lists_of_any_length():
     scorer = TableScorer([LOGITS, [0.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
     globals_ = [G, np.array([0.5, 0.5], np.float32), np.linspace(0.6, 0.1, 6).astype(np.float32)]
-    results = sliding_rerank(globals_, scorer, shortlist=6, window=2, stride=2, alpha=0.5, temperature=1.0)
+    results = sliding_rerank(globals_, scorer, top_k=6, window=2, stride=2, fusion=(0.5, 1.0))
     # starts: [2, 0] for 4, [0] for 2, [4, 2, 0] for 6; each step batches the queries that still have a window
     assert [[q for q, _ in call] for call in scorer.calls] == [[0, 1, 2], [0, 2], [2]]
     assert results[1].order.tolist() == [1, 0]
     for q, result in enumerate(results):
-        (alone,) = sliding_rerank([globals_[q]], TableScorer([scorer.logits[q]]), shortlist=6, window=2, stride=2,
-                                  alpha=0.5, temperature=1.0)
+        (alone,) = sliding_rerank([globals_[q]], TableScorer([scorer.logits[q]]), top_k=6, window=2, stride=2,
+                                  fusion=(0.5, 1.0))
         assert alone.order.tolist() == result.order.tolist()
 
 
 def test_scorer_result_shape_is_checked():
     with pytest.raises(RuntimeError, match="returned shape"):
-        sliding_rerank([G], lambda requests: [np.zeros(1) for _ in requests], shortlist=4, window=2, stride=1)
+        sliding_rerank([G], lambda requests: [np.zeros(1) for _ in requests], top_k=4, window=2, stride=1)
 
 
 @pytest.mark.golden("locore")
@@ -111,9 +110,9 @@ def test_replaying_official_window_logits_reproduces_official_run(golden_case):
         return out
 
     results = sliding_rerank(
-        list(data["global_sims"]), replay, shortlist=settings["sliding_topk_shortlist"],
+        list(data["global_sims"]), replay, top_k=settings["sliding_topk_shortlist"],
         window=settings["window_size (--topk)"], stride=settings["stride (--sliding_stride)"],
-        alpha=settings["alpha"], temperature=settings["temp"],
+        fusion=(settings["alpha"], settings["temp"]),
     )
     assert settings["window_starts"] == window_starts(settings["sliding_topk_shortlist"], settings["window_size (--topk)"],
                                                       settings["stride (--sliding_stride)"])

@@ -96,7 +96,7 @@ def tiny_plugin(register_plugin):
     register_plugin(sys.modules[__name__], "test-training-plugin")
 
 
-def make_lists(n=48, landmarks=8, topk=6, seed=0) -> TrainingLists:
+def make_lists(n=48, landmarks=8, list_length=6, seed=0) -> TrainingLists:
     """Images of ``landmarks`` landmarks with noisy globals; neighbours by global similarity."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % landmarks
@@ -104,8 +104,8 @@ def make_lists(n=48, landmarks=8, topk=6, seed=0) -> TrainingLists:
     globals_ = centres[labels] + 1.2 * rng.normal(size=(n, DIM))
     globals_ /= np.linalg.norm(globals_, axis=1, keepdims=True)
     features = [ImageFeatures(global_desc=g) for g in globals_]
-    neighbours = np.argsort(-(globals_ @ globals_.T), axis=1)[:, : topk + 1]
-    return TrainingLists(features, neighbours, labels, topk=topk, seed=seed)
+    neighbours = np.argsort(-(globals_ @ globals_.T), axis=1)[:, : list_length + 1]
+    return TrainingLists(features, neighbours, labels, list_length=list_length, seed=seed)
 
 
 def config(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -280,9 +280,9 @@ def test_resume_refuses_another_world_size_or_batch(tmp_path):
 
 def test_recipe_files_and_overrides(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('reranker = "test-tiny"\noutput_dir = "out"\nlr = 5e-5\n[data]\ntopk = 100\n')
-    cfg = load_config(recipe, ("data.topk=50", "lr=1e-5", "output_dir=elsewhere", "max_steps=3"))
-    assert (cfg.data, cfg.lr, cfg.output_dir, cfg.max_steps) == ({"topk": 50}, 1e-5, "elsewhere", 3)
+    recipe.write_text('reranker = "test-tiny"\noutput_dir = "out"\nlr = 5e-5\n[data]\nlist_length = 100\n')
+    cfg = load_config(recipe, ("data.list_length=50", "lr=1e-5", "output_dir=elsewhere", "max_steps=3"))
+    assert (cfg.data, cfg.lr, cfg.output_dir, cfg.max_steps) == ({"list_length": 50}, 1e-5, "elsewhere", 3)
     assert (cfg.weight_decay, cfg.schedule, cfg.epochs) == (0.0, "constant", 3)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         load_config(recipe, ("lr",))
@@ -311,9 +311,9 @@ def locore_recipe(tmp_path, **overrides) -> Path:
     values = dict(
         reranker="locore-tiny", output_dir=str(tmp_path / "run"), epochs=1, per_device_batch_size=4, grad_accumulation=1, lr=1e-3,
         save_every=0, log_every=1, progress=False, device="cpu",
-        reranker_options={"num_locals": 6, "window": 5, "stride": 5, "shortlist": 5},
+        reranker_options={"query_length": 6, "window": 5, "stride": 5, "top_k": 5},
         data={"synthetic": {"seeds": [3], "size": "tiny", "depth": 20}, "directory": str(tmp_path / "split"),
-              "num_locals": 6, "topk": 5, "num_samples": 16},
+              "num_locals": 6, "list_length": 5, "num_samples": 16},
     )
     values.update(overrides)
     recipe = tmp_path / "recipe.json"
@@ -381,8 +381,8 @@ def test_small_locore_trained_briefly_beats_the_global_ranking_on_held_out_queri
     small model's logits count."""
     recipe = locore_recipe(
         tmp_path, checkpoint=write_small_locore(tmp_path / "init", heads=4, window=32), lr=3e-3, log_every=50,
-        epochs=2, reranker_options={"num_locals": 24, "window": 8, "stride": 4, "shortlist": 8, "temperature": 1.0},
-        data={"synthetic": {"seeds": [1, 2, 3]}, "directory": str(tmp_path / "split"), "num_locals": 24, "topk": 8,
+        epochs=2, reranker_options={"query_length": 24, "window": 8, "stride": 4, "top_k": 8, "fusion": [0.5, 1.0]},
+        data={"synthetic": {"seeds": [1, 2, 3]}, "directory": str(tmp_path / "split"), "num_locals": 24, "list_length": 8,
               "num_samples": 800},
         validation={"synthetic": {"seed": 0}, "directory": str(tmp_path / "benchmark"), "top_k": 8,
                     "num_locals": 24, "protocols": ["medium", "hard"]},

@@ -38,7 +38,7 @@ def _lists(**kwargs) -> TrainingLists:
 
 
 def test_lists_skip_the_query_take_the_first_k_and_label_same_landmark():
-    lists = _lists(topk=3, shuffle_gallery=False)
+    lists = _lists(list_length=3, shuffle_gallery=False)
     assert len(lists) == 5  # the distractor is never a query
     assert lists.queries.tolist() == [0, 1, 2, 3, 5]
     item = lists[1]  # image 1: neighbours [1, 0, 2, 5, 4] minus itself -> [0, 2, 5]
@@ -47,10 +47,10 @@ def test_lists_skip_the_query_take_the_first_k_and_label_same_landmark():
     assert item.labels.tolist() == [1, 0, 0]
     item = lists[3]  # image 3 -> [4, 5, 0]: the distractor is a negative, landmark 7 matches image 0
     assert item.labels.tolist() == [0, 0, 1]
-    assert _lists(topk=3, num_samples=2).queries.tolist() == [0, 1]
+    assert _lists(list_length=3, num_samples=2).queries.tolist() == [0, 1]
     # positives per list (topk 3): 0 -> [1, 2, 3]: 2; 1 -> [0, 2, 5]: 1; 2 -> [5, 3, 4]: 1; 3 -> [4, 5, 0]: 1; 5 -> [2, 4, 3]: 1
-    assert _lists(topk=3, min_positives=2).queries.tolist() == [0]
-    assert _lists(topk=3, min_positives=1).queries.tolist() == [0, 1, 2, 3, 5]
+    assert _lists(list_length=3, min_positives=2).queries.tolist() == [0]
+    assert _lists(list_length=3, min_positives=1).queries.tolist() == [0, 1, 2, 3, 5]
 
 
 def test_triplets_draw_one_positive_and_one_negative_by_similarity_cubed():
@@ -60,7 +60,7 @@ def test_triplets_draw_one_positive_and_one_negative_by_similarity_cubed():
     neighbours = np.array([[0, 1, 2, 3, 4, 5]] * 6)
     sims = np.tile([1.0, 0.9, 0.5, 0.8, 0.4, -0.2], (6, 1))
     labels = np.array([1, 1, 1, 2, 2, 2])
-    lists = TrainingLists(features, neighbours, labels, topk=5, similarities=sims, pairs="triplet")
+    lists = TrainingLists(features, neighbours, labels, list_length=5, similarities=sims, pairs="triplet")
     assert lists.queries.tolist() == [0, 1, 2, 3, 4, 5]
     drawn = []
     for epoch in range(2000):
@@ -76,26 +76,26 @@ def test_triplets_draw_one_positive_and_one_negative_by_similarity_cubed():
     assert not (drawn[:, 1] == 5).any()  # a negative similarity is never drawn
     # the same (seed, epoch, index) draws the same pair: a resumed run sees the same pairs
     lists.set_epoch(7)
-    again = TrainingLists(features, neighbours, labels, topk=5, similarities=sims, pairs="triplet")
+    again = TrainingLists(features, neighbours, labels, list_length=5, similarities=sims, pairs="triplet")
     again.set_epoch(7)
     assert [f.global_desc[0] for f in lists[2].shortlist] == [f.global_desc[0] for f in again[2].shortlist]
     # power 0: uniform (RRT), no similarities needed; anchors need min_positives / min_negatives
-    uniform = TrainingLists(features, neighbours, labels, topk=5, pairs="triplet", triplet_power=0)
+    uniform = TrainingLists(features, neighbours, labels, list_length=5, pairs="triplet", triplet_power=0)
     assert len(uniform[0].shortlist) == 2
     # every anchor has 2 positives and 3 negatives among its 5
-    assert len(TrainingLists(features, neighbours, labels, topk=5, pairs="triplet", triplet_power=0, min_negatives=3)) == 6
+    assert len(TrainingLists(features, neighbours, labels, list_length=5, pairs="triplet", triplet_power=0, min_negatives=3)) == 6
     with pytest.raises(ValueError, match=">= 4 negatives"):
-        TrainingLists(features, neighbours, labels, topk=5, pairs="triplet", triplet_power=0, min_negatives=4)
+        TrainingLists(features, neighbours, labels, list_length=5, pairs="triplet", triplet_power=0, min_negatives=4)
     with pytest.raises(ValueError, match="pass similarities"):
-        TrainingLists(features, neighbours, labels, topk=5, pairs="triplet")
+        TrainingLists(features, neighbours, labels, list_length=5, pairs="triplet")
     with pytest.raises(ValueError, match="pairs must be one of"):
-        TrainingLists(features, neighbours, labels, topk=5, pairs="quadruplet")
+        TrainingLists(features, neighbours, labels, list_length=5, pairs="quadruplet")
     with pytest.raises(ValueError, match="align"):
-        TrainingLists(features, neighbours, labels, topk=5, similarities=sims[:, :3], pairs="triplet")
+        TrainingLists(features, neighbours, labels, list_length=5, similarities=sims[:, :3], pairs="triplet")
 
 
 def test_gallery_shuffle_is_seeded_by_seed_epoch_and_index():
-    a, b = _lists(topk=4, seed=3), _lists(topk=4, seed=3)
+    a, b = _lists(list_length=4, seed=3), _lists(list_length=4, seed=3)
     orders = {}
     for epoch in range(4):
         a.set_epoch(epoch)
@@ -111,16 +111,16 @@ def test_gallery_shuffle_is_seeded_by_seed_epoch_and_index():
 
 def test_bad_lists_fail_clearly():
     with pytest.raises(ValueError, match="holds only 5 neighbours"):
-        _lists(topk=6)
+        _lists(list_length=6)
     with pytest.raises(ValueError, match="only 4 neighbours other than itself"):
-        _lists(topk=5)[0]
+        _lists(list_length=5)[0]
     features = [ImageFeatures(global_desc=np.ones(2)) for _ in range(3)]
     with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
-        TrainingLists(features, np.array([[1, 3], [0, 2], [0, 1]]), np.zeros(3), topk=1)
+        TrainingLists(features, np.array([[1, 3], [0, 2], [0, 1]]), np.zeros(3), list_length=1)
     with pytest.raises(ValueError, match="labels of shape"):
-        TrainingLists(features, np.array([[1], [0], [0]]), np.zeros(4), topk=1)
+        TrainingLists(features, np.array([[1], [0], [0]]), np.zeros(4), list_length=1)
     with pytest.raises(ValueError, match="no image can be a query"):
-        TrainingLists(features, np.array([[1], [0], [0]]), -np.ones(3), topk=1)
+        TrainingLists(features, np.array([[1], [0], [0]]), -np.ones(3), list_length=1)
 
 
 def _write_official(folder, n=12, locals_=5, dim=4, seed=0):
@@ -146,7 +146,7 @@ def _write_official(folder, n=12, locals_=5, dim=4, seed=0):
 def test_official_files_become_lists(tmp_path):
     features, idx, labels = _write_official(tmp_path)
     lists = open_training_lists(tmp_path / "train.txt", tmp_path / "d_train_local.hdf5", tmp_path / "nn_d.pkl",
-                                tmp_path / "d_train_global.pt", num_locals=4, topk=6, shuffle_gallery=False)
+                                tmp_path / "d_train_global.pt", num_locals=4, list_length=6, shuffle_gallery=False)
     item = lists[5]
     expected = [j for j in idx[5] if j != 5][:6]
     assert [int(j) for j in lists.shortlist_indices(5)[1]] == expected
@@ -164,7 +164,7 @@ def test_loader_workers_read_the_same_lists(tmp_path):
     """HDF5 is reopened in each worker process; what they read equals the main process's reads."""
     _write_official(tmp_path)
     lists = open_training_lists(tmp_path / "train.txt", tmp_path / "d_train_local.hdf5", tmp_path / "nn_d.pkl",
-                                tmp_path / "d_train_global.pt", num_locals=5, topk=4, seed=1)
+                                tmp_path / "d_train_global.pt", num_locals=5, list_length=4, seed=1)
     lists.set_epoch(2)
     batches = list(DataLoader(lists, batch_size=3, num_workers=2, collate_fn=collate_lists))
     queries, shortlists, labels = (sum((list(b[k]) for b in batches), []) for k in range(3))
@@ -184,7 +184,7 @@ def test_missing_files_are_named(tmp_path):
 
 def test_synthetic_split_labels_agree_with_the_benchmark_ground_truth(tmp_path):
     paths = write_synthetic_split(tmp_path, seeds=(5,), size="tiny", depth=30)
-    lists = open_training_lists(**paths, num_locals=24, topk=20, shuffle_gallery=False)
+    lists = open_training_lists(**paths, num_locals=24, list_length=20, shuffle_gallery=False)
     data = generate(5, "tiny")
     nq = len(data.query_local)
     instance = [frozenset(e["easy"] + e["hard"] + e["junk"]) for e in data.gnd["gnd"]]  # all views of it

@@ -45,4 +45,5 @@ def register_rerankers(register):
             columns=("scale",),
             extractor="dinov2-ames",
             attn_implementations=(REFERENCE, FAST),
+            sliding_window=True,
         )

@@ -12,6 +12,7 @@ from torch import nn
 from locore_plugin.checkpoints import load_strict
 from locore_plugin.features import ImageFeatures, stack_globals, stack_locals
 from locore_plugin.interface import RerankResult, TrainableReranker
+from locore_plugin.options import merge_renamed, renamed_options
 from locore_plugin.progress import progress
 from locore_plugin.runtime import resolve_device, resolve_dtype
 from locore_plugin.sliding_window import ORDERS, sliding_rerank
@@ -21,9 +22,15 @@ from .configuration import LocoreConfig
 from .modeling import REDUCTIONS, LocoreModel, reduce_scores, token_labels
 from .weights import read_checkpoint, save_checkpoint
 
+# The official ensemble: alpha * global + (1 - alpha) * sigmoid(T * logit) with alpha 0.5, T 0.1.
+DEFAULT_FUSION = (0.5, 0.1)
+# locore-plugin 0.1's option names, accepted for one release (locore_plugin.options.renamed_options).
+DEPRECATED_OPTIONS = {"num_locals": ("query_length", "gallery_length"), "shortlist": "top_k",
+                      "alpha": "fusion_weight", "temperature": "fusion_temperature"}
+
 
 class LocoreReranker(TrainableReranker):
-    """Sliding-window LoCoRE re-ranking of the top ``shortlist`` candidates (see :mod:`locore_plugin.sliding_window`).
+    """Sliding-window LoCoRE re-ranking of the first ``top_k`` candidates (see :mod:`locore_plugin.sliding_window`).
 
     ``checkpoint``: a folder with ``model.safetensors`` (+ ``config.json``), the weights file itself
     (a ``config.json`` beside it is used), or a Hugging Face hub id (tried only when the hub is
@@ -32,16 +39,35 @@ class LocoreReranker(TrainableReranker):
     weights, which must be asked for (no checkpoint without it is an error, as for every learned
     method). ``config`` overrides architecture fields of :class:`LocoreConfig` (e.g. a small model
     on 32-d descriptors: ``config={"hidden_size": 64, "num_hidden_layers": 1, "local_dim": 32, ...}``).
-    ``window`` images of ``num_locals`` locals share one sequence; ``batch_size`` windows
-    share one forward pass. An image with more than ``num_locals`` valid locals keeps those with the
-    largest detector weight (the official files are sorted by it), else its first ones.
+    ``window`` images of ``query_length`` = ``gallery_length`` locals (default 48: every image has
+    the same slot in the sequence) share one sequence; ``batch_size`` windows share one forward
+    pass. An image with more valid locals keeps those with the largest detector weight (the official
+    files are sorted by it), else its first ones. ``fusion``: (alpha, temperature) of
+    ``alpha * global + (1 - alpha) * sigmoid(temperature * logit)``, ``"default"`` for the official
+    (0.5, 0.1), None for the logit alone.
     """
 
     def __init__(self, variant: str, checkpoint=None, pretrained: bool = True, device=None, dtype="fp32",
-                 batch_size: int = 4, verbose: int = 0, num_locals: int = 48, window: int = 100, stride: int = 50,
-                 shortlist: int = 400, order: str = "end-to-start", alpha: float = 0.5, temperature: float = 0.1,
-                 reduction: str = "max-end", attn_implementation: str = FAST,
-                 use_global: Optional[bool] = None, config: Optional[dict] = None):
+                 batch_size: int = 4, verbose: int = 0, query_length: Optional[int] = None,
+                 gallery_length: Optional[int] = None, window: int = 100, stride: int = 50, top_k: Optional[int] = None,
+                 order: str = "end-to-start", fusion="default", reduction: str = "max-end",
+                 attn_implementation: str = FAST, use_global: Optional[bool] = None, config: Optional[dict] = None,
+                 **deprecated):
+        given = merge_renamed({"query_length": query_length, "gallery_length": gallery_length, "top_k": top_k},
+                              renamed_options(deprecated, DEPRECATED_OPTIONS, variant), variant)
+        weight, temperature = given.pop("fusion_weight", None), given.pop("fusion_temperature", None)
+        if weight is not None or temperature is not None:
+            if fusion != "default":
+                raise TypeError(f"{variant}: give fusion=(alpha, temperature) or the deprecated alpha/temperature, not both")
+            fusion = (DEFAULT_FUSION[0] if weight is None else weight, DEFAULT_FUSION[1] if temperature is None else temperature)
+        if fusion is None:  # the logit alone, as every method spells it: alpha 0 (sigmoid keeps the order)
+            fusion = (0.0, 1.0)
+        fusion = DEFAULT_FUSION if fusion == "default" else fusion
+        if isinstance(fusion, str) or len(fusion) != 2:
+            raise ValueError(f"fusion must be 'default', None (the logit alone) or (alpha, temperature), got {fusion!r}")
+        query_length = 48 if given["query_length"] is None else int(given["query_length"])
+        gallery_length = query_length if given["gallery_length"] is None else int(given["gallery_length"])
+        top_k = 400 if given["top_k"] is None else int(given["top_k"])
         if not pretrained and checkpoint is not None:
             raise ValueError("pretrained=False builds random weights; do not also pass a checkpoint")
         if pretrained and checkpoint is None:
@@ -49,19 +75,23 @@ class LocoreReranker(TrainableReranker):
                 f"{variant} needs checkpoint= (the official weights are published by MrZilinXiao/LongContextReranker, "
                 "e.g. vislang/locore_dinov2_base); pass pretrained=False for a randomly initialised model"
             )
-        if min(num_locals, window, stride, shortlist, batch_size) < 1:
-            raise ValueError("num_locals, window, stride, shortlist and batch_size must all be >= 1")
+        if query_length != gallery_length:
+            raise ValueError(f"LoCoRE gives every image the same slot in its sequence: query_length ({query_length}) "
+                             f"must equal gallery_length ({gallery_length})")
+        if min(query_length, window, stride, top_k, batch_size) < 1:
+            raise ValueError("query_length, window, stride, top_k and batch_size must all be >= 1")
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}; use one of {ORDERS}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; use one of {REDUCTIONS}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not 0.0 <= fusion[0] <= 1.0:
+            raise ValueError(f"the fusion weight alpha must be in [0, 1], got {fusion[0]}")
         self.variant = variant
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.batch_size, self.verbose = int(batch_size), verbose
-        self.num_locals, self.window, self.stride, self.shortlist = int(num_locals), int(window), int(stride), int(shortlist)
-        self.order, self.alpha, self.temperature, self.reduction = order, float(alpha), float(temperature), reduction
+        self.query_length = self.gallery_length = query_length
+        self.window, self.stride, self.top_k = int(window), int(stride), top_k
+        self.order, self.fusion, self.reduction = order, (float(fusion[0]), float(fusion[1])), reduction
         overrides = dict(config or {})
         unknown = set(overrides) - {f.name for f in fields(LocoreConfig)}
         if unknown:
@@ -74,7 +104,7 @@ class LocoreReranker(TrainableReranker):
         self.module = LocoreModel(config, attn_implementation)  # rejects an unknown attn_implementation
         if state is not None:
             load_strict(self.module, state, f"LoCoRE checkpoint {checkpoint}")
-        config.check_context(self.window, self.num_locals)
+        config.check_context(self.window, self.gallery_length)
         self.module.to(self.device, self.dtype).eval()
 
     # ---- input -----------------------------------------------------------------------------------------
@@ -83,7 +113,7 @@ class LocoreReranker(TrainableReranker):
         cfg = self.config
         for f in images:
             f.require("local", "scale", method="LoCoRE")
-        stacked = stack_locals(images, self.num_locals, columns=("scale",), method="LoCoRE")
+        stacked = stack_locals(images, self.gallery_length, columns=("scale",), method="LoCoRE")
         if stacked["local"].shape[2] != cfg.local_dim:
             raise ValueError(f"local descriptors have dimension {stacked['local'].shape[2]}, "
                              f"this LoCoRE model takes {cfg.local_dim}")
@@ -125,7 +155,7 @@ class LocoreReranker(TrainableReranker):
         by_length: dict[int, list[int]] = {}
         for i, (_, _, rows) in enumerate(items):
             by_length.setdefault(len(rows), []).append(i)
-        per_image = self.config.tokens_per_image(self.num_locals)
+        per_image = self.config.tokens_per_image(self.gallery_length)
         for members in by_length.values():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
@@ -138,22 +168,22 @@ class LocoreReranker(TrainableReranker):
     def _rerank_many(self, queries, shortlists, global_scores) -> list[RerankResult]:
         """Queries run ``batch_size`` at a time, so each sliding step of a chunk is one forward pass
         and only that chunk's descriptors sit on the device."""
-        if any(g is None for g in global_scores) and self.alpha > 0:
+        if any(g is None for g in global_scores) and self.fusion[0] > 0:
             raise ValueError("LoCoRE fuses its scores with the global similarities: pass global_scores or "
-                             "global descriptors, or set alpha=0")
+                             "global descriptors, or set fusion=(0, temperature)")
         scores = [np.zeros(len(s), np.float32) if g is None else g for g, s in zip(global_scores, shortlists)]
         results = []
         chunks = range(0, len(queries), self.batch_size)
         for start in progress(chunks, desc="LoCoRE", unit="chunk", disable=not self.verbose or len(chunks) < 2):
             members = range(start, min(start + self.batch_size, len(queries)))
-            prepared = [self._prepare(queries[i], shortlists[i][: self.shortlist], i) for i in members]
+            prepared = [self._prepare(queries[i], shortlists[i][: self.top_k], i) for i in members]
 
             def scorer(requests, prepared=prepared):
                 return self.score_windows([(*prepared[q], torch.from_numpy(rows).to(self.device)) for q, rows in requests])
 
-            results += sliding_rerank([scores[i] for i in members], scorer, shortlist=self.shortlist,
-                                      window=self.window, stride=self.stride, order=self.order, alpha=self.alpha,
-                                      temperature=self.temperature, progress=bool(self.verbose) and len(chunks) == 1)
+            results += sliding_rerank([scores[i] for i in members], scorer, top_k=self.top_k, window=self.window,
+                                      stride=self.stride, order=self.order, fusion=self.fusion,
+                                      progress=bool(self.verbose) and len(chunks) == 1)
         return results
 
     # ---- training --------------------------------------------------------------------------------------
@@ -165,7 +195,7 @@ class LocoreReranker(TrainableReranker):
         module = self.module if module is None else module
         if not (len(queries) == len(shortlists) == len(labels)) or not queries:
             raise ValueError("training_loss needs as many (non-empty) queries, shortlists and label arrays")
-        per_image = self.config.tokens_per_image(self.num_locals)
+        per_image = self.config.tokens_per_image(self.gallery_length)
         groups: dict[int, list[int]] = {}
         for i, (shortlist, label) in enumerate(zip(shortlists, labels)):
             label = np.asarray(label)

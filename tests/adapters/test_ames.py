@@ -255,7 +255,7 @@ def test_trains_through_the_shared_loop_with_gradient_checkpointing(tmp_path):
         per_device_batch_size=4, grad_accumulation=1, lr=1e-2, save_every=0, progress=False, device="cpu",
         gradient_checkpointing=True,
     ))
-    train(cfg, TrainingLists(features, neighbours, np.arange(16) % 4, topk=5, seed=0))
+    train(cfg, TrainingLists(features, neighbours, np.arange(16) % 4, list_length=5, seed=0))
     trained = create_reranker("ames-dinov2", checkpoint=tmp_path / "run" / "final", **options)
     torch.manual_seed(0)
     initial = create_reranker("ames-dinov2", pretrained=False, **options)

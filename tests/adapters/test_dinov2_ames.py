@@ -106,7 +106,7 @@ def by_hand(weights, rgb, topk):
 
 def test_features_match_the_pipeline_written_out(weights):
     rgb = photo(42, 70)  # multiples of 14: the network sees these pixels
-    f = extractor(weights, topk=8).extract(rgb)
+    f = extractor(weights, num_locals=8).extract(rgb)
     desc, weight, xy, global_desc = by_hand(weights, rgb, 8)
     assert f.local.shape == (8, DIM) and f.mask.all()
     np.testing.assert_allclose(f.local, desc, atol=2e-5)
@@ -118,16 +118,16 @@ def test_features_match_the_pipeline_written_out(weights):
 
 
 def test_topk_beyond_the_patch_count_keeps_every_patch(weights):
-    f = extractor(weights, topk=700).extract(photo(42, 70))
+    f = extractor(weights, num_locals=700).extract(photo(42, 70))
     assert f.num_locals == 15  # 3 x 5 patches
     assert sorted(map(tuple, np.rint(f.xy * [70, 42]).astype(int))) == [(x, y) for x in (7, 21, 35, 49, 63) for y in (7, 21, 35)]
 
 
 def test_query_crop_equals_extracting_the_crop_with_positions_mapped(weights):
     rgb = photo(84, 112, seed=3)
-    ex = extractor(weights, topk=20)
+    ex = extractor(weights, num_locals=20)
     cropped = ex.extract(rgb, bbox=[14, 28, 70.9, 84])
-    alone = extractor(weights, topk=20).extract(np.ascontiguousarray(rgb[28:84, 14:70]))
+    alone = extractor(weights, num_locals=20).extract(np.ascontiguousarray(rgb[28:84, 14:70]))
     np.testing.assert_allclose(cropped.local, alone.local, atol=1e-6)
     np.testing.assert_allclose(cropped.global_desc, alone.global_desc, atol=1e-6)
     np.testing.assert_allclose(cropped.xy, (alone.xy * [56, 56] + [14, 28]) / [112, 84], atol=1e-6)
@@ -135,13 +135,13 @@ def test_query_crop_equals_extracting_the_crop_with_positions_mapped(weights):
 
 def test_batches_of_mixed_sizes_equal_one_by_one_and_are_deterministic(weights):
     images = [photo(42, 70, 0), photo(56, 56, 1), photo(42, 70, 2)]
-    batched = extractor(weights, topk=10, batch_size=3).extract_many(images)
+    batched = extractor(weights, num_locals=10, batch_size=3).extract_many(images)
     for image, f in zip(images, batched):
-        single = extractor(weights, topk=10, batch_size=1).extract(image)
+        single = extractor(weights, num_locals=10, batch_size=1).extract(image)
         np.testing.assert_allclose(f.local, single.local, atol=1e-5)
         np.testing.assert_allclose(f.weight, single.weight, rtol=1e-5)
         np.testing.assert_array_equal(f.xy, single.xy)
-    again = extractor(weights, topk=10, batch_size=3).extract_many(images)
+    again = extractor(weights, num_locals=10, batch_size=3).extract_many(images)
     for a, b in zip(batched, again):
         np.testing.assert_array_equal(a.local, b.local)
         np.testing.assert_array_equal(a.global_desc, b.global_desc)
@@ -154,7 +154,7 @@ def test_rank_on_images_through_rerankers_equals_rerank_on_the_features(weights)
     from locore_plugin import create_reranker
 
     backbone, detector, _ = weights
-    options = {"model": str(backbone), "detector": str(detector), "topk": 12}
+    options = {"model": str(backbone), "detector": str(detector), "num_locals": 12}
     images = [photo(56, 70, seed) for seed in range(4)]
     ranker = rerankers.Reranker("gv", extractor="dinov2-ames", extractor_options=options, verbose=0)
     results = ranker.rank(images[0], images[1:])

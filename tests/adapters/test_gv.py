@@ -99,7 +99,7 @@ def test_sift_and_gv_rank_same_landmark_photos_first(shared_data):
     Sacre-Coeur query's four best are Sacre-Coeur photos (OpenCV 5.0)."""
     paths = sorted(shared_data("landmarks").glob("*.jpg"))
     assert len(paths) == 14
-    features = create_extractor("sift", imsize=512, max_keypoints=500).extract_many(paths)
+    features = create_extractor("sift", imsize=512, num_locals=500).extract_many(paths)
     sacre = np.array([p.name.startswith("sacre_coeur") for p in paths])
     gv = create_reranker("gv")
     gv_ap, global_ap = [], []

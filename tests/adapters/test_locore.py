@@ -63,7 +63,7 @@ def test_state_dict_keys_match_official(golden_case):
 def test_token_logits_and_reductions_match_official(golden_case):
     inputs, ref = np.load(golden_case / "inputs.npz"), np.load(golden_case / "outputs.npz")
     batch, num_gallery, num_locals = inputs["gallery_local_mask"].shape
-    reranker = fixture_reranker(golden_case, num_locals=num_locals, window=num_gallery)
+    reranker = fixture_reranker(golden_case, query_length=num_locals, window=num_gallery)
     model = reranker.module
     kwargs = official_kwargs(inputs)
     with torch.inference_mode():
@@ -99,9 +99,9 @@ def test_sliding_window_reranking_matches_official(golden_case):
     settings = json.loads((golden_case / "sliding.json").read_text())
     batch, shortlist, num_locals = data["gallery_local_mask"].shape
     reranker = fixture_reranker(
-        golden_case, num_locals=num_locals, window=settings["window_size (--topk)"],
-        stride=settings["stride (--sliding_stride)"], shortlist=shortlist, alpha=settings["alpha"],
-        temperature=settings["temp"], batch_size=2,
+        golden_case, query_length=num_locals, window=settings["window_size (--topk)"],
+        stride=settings["stride (--sliding_stride)"], top_k=shortlist, fusion=(settings["alpha"], settings["temp"]),
+        batch_size=2,
     )
     fed, raw = [], []
     score_windows = reranker.score_windows
@@ -143,9 +143,9 @@ def test_bfloat16_sliding_window_ranking_agrees_with_float32(golden_case):
     results = {}
     for dtype in ("fp32", "bf16"):
         reranker = fixture_reranker(
-            golden_case, num_locals=num_locals, window=settings["window_size (--topk)"],
-            stride=settings["stride (--sliding_stride)"], shortlist=shortlist, alpha=settings["alpha"],
-            temperature=settings["temp"], dtype=dtype,
+            golden_case, query_length=num_locals, window=settings["window_size (--topk)"],
+            stride=settings["stride (--sliding_stride)"], top_k=shortlist, fusion=(settings["alpha"], settings["temp"]),
+            dtype=dtype,
         )
         results[dtype] = reranker.rerank_many(queries, shortlists, [data["global_sims"][b] for b in range(batch)])
     for full, reduced in zip(results["fp32"], results["bf16"]):
@@ -167,7 +167,7 @@ def test_one_window_matches_official_non_sliding_path(golden_case, reduction):
     key = reduction.replace("-", "_")
     top = data[f"oneshot_order_{key}"].shape[1]
     num_locals = data["gallery_local_mask"].shape[2]
-    reranker = fixture_reranker(golden_case, num_locals=num_locals, window=top, shortlist=top, reduction=reduction)
+    reranker = fixture_reranker(golden_case, query_length=num_locals, window=top, top_k=top, reduction=reduction)
     for b in range(data["global_sims"].shape[0]):
         result = reranker.rerank(features(data, b), [features(data, b, k) for k in range(top)], data["global_sims"][b][:top])
         assert (result.order == data[f"oneshot_order_{key}"][b]).all()
@@ -232,7 +232,7 @@ def small_checkpoint(tmp_path_factory):
 @pytest.fixture
 def small(small_checkpoint):
     """``small(**options)``: a re-ranker on the small checkpoint, 6 locals, window 5, stride 2, shortlist 9."""
-    defaults = dict(device="cpu", num_locals=6, window=5, stride=2, shortlist=9)
+    defaults = dict(device="cpu", query_length=6, window=5, stride=2, top_k=9)
     return lambda **options: create_reranker("locore-tiny", checkpoint=small_checkpoint, **{**defaults, **options})
 
 
@@ -241,8 +241,8 @@ def test_save_pretrained_round_trip(small, tmp_path):
     reranker = small()
     reranker.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    loaded = create_reranker("locore-tiny", checkpoint=tmp_path / "ckpt", device="cpu", num_locals=6, window=5,
-                             stride=2, shortlist=9)
+    loaded = create_reranker("locore-tiny", checkpoint=tmp_path / "ckpt", device="cpu", query_length=6, window=5,
+                             stride=2, top_k=9)
     assert loaded.config == reranker.config
     for key, value in reranker.module.state_dict().items():
         assert torch.equal(loaded.module.state_dict()[key], value)
@@ -284,7 +284,7 @@ def test_key_mismatch_names_the_keys(golden_case, tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     shutil.copy(golden_case / "config.json", tmp_path / "config.json")
     with pytest.raises(StateDictMismatchError) as error:
-        create_reranker("locore-base", checkpoint=tmp_path, device="cpu", num_locals=8, window=12)
+        create_reranker("locore-base", checkpoint=tmp_path, device="cpu", query_length=8, window=12)
     message = str(error.value)
     assert "scale_encoder.weight" in message and "language_model.extra.weight" in message
     assert "language_model.classifier.bias: checkpoint (3,) vs model (2,)" in message
@@ -404,7 +404,7 @@ def test_through_rerankers(small_checkpoint):
 
     rng = np.random.default_rng(9)
     query, *docs = random_images(rng, 8)
-    options = dict(checkpoint=small_checkpoint, device="cpu", num_locals=6, window=5, stride=2, verbose=0)
+    options = dict(checkpoint=small_checkpoint, device="cpu", query_length=6, window=5, stride=2, verbose=0)
     ranked = Reranker("locore-tiny", **options).rank(query, docs)
     expected = create_reranker("locore-tiny", **options).rerank(query, docs)
     assert [r.doc_id for r in ranked.results] == expected.order.tolist()
@@ -420,7 +420,7 @@ def test_without_global_descriptors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_json()))
     rng = np.random.default_rng(6)
     images = [ImageFeatures(local=f.local, scale=f.scale) for f in random_images(rng, 8)]
-    reranker = create_reranker("locore-tiny", checkpoint=tmp_path, device="cpu", num_locals=6, window=5, stride=2)
+    reranker = create_reranker("locore-tiny", checkpoint=tmp_path, device="cpu", query_length=6, window=5, stride=2)
     assert reranker.config.tokens_per_image(6) == 7
     with pytest.raises(ValueError, match="global similarities"):
         reranker.rerank(images[0], images[1:])
@@ -464,7 +464,7 @@ def test_training_loss_is_token_cross_entropy_over_gallery_tokens(small):
 def test_config_overrides_build_a_small_model_from_scratch():
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                  attention_window=32, max_position_embeddings=1026, local_dim=16, global_dim=16)
-    reranker = create_reranker("locore-tiny", pretrained=False, num_locals=6, window=5, stride=5, config=small)
+    reranker = create_reranker("locore-tiny", pretrained=False, query_length=6, window=5, stride=5, config=small)
     layers = reranker.module.state_dict()
     assert reranker.config.hidden_size == 32 and reranker.config.attention_window == (32,)
     assert sum(1 for k in layers if ".layer." in k and k.endswith("attention.self.query.weight")) == 1

@@ -229,7 +229,7 @@ def test_golden_locore_logits_with_both_implementations(golden_case):
     logits = {}
     for name in ("blocked", "transformers"):
         reranker = create_reranker("locore-base", checkpoint=golden_case / "weights.safetensors", device="cpu",
-                                   num_locals=num_locals, window=num_gallery, attn_implementation=name)
+                                   query_length=num_locals, window=num_gallery, attn_implementation=name)
         with torch.inference_mode():
             logits[name] = reranker.module(**kwargs).numpy()
         np.testing.assert_allclose(logits[name], ref["token_logits_f32"], atol=1e-4, rtol=0)

@@ -21,7 +21,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def lists(tmp_path_factory):
     data = training_data(dict(synthetic=dict(seeds=[1], size="tiny"), directory=str(tmp_path_factory.mktemp("split")),
-                              num_locals=16, topk=6, shuffle_gallery=False))
+                              num_locals=16, list_length=6, shuffle_gallery=False))
     chosen = [data[i] for i in range(len(data)) if 0 < data[i].labels.sum() < 6][:4]
     assert len(chosen) == 4
     return chosen

@@ -120,7 +120,7 @@ def features(rerank: np.ndarray, global_desc=None, pad: int = 0, rng=None) -> Im
 @pytest.mark.golden("r2former")
 def test_reranker_scores_are_official_probabilities_and_final_scores(golden_case):
     """Through ImageFeatures, padded to a longer length, several queries in one forward: the scores
-    are the official softmax[:, 1]; fusion="official" gives the official final_score. Pairs whose
+    are the official softmax[:, 1]; fusion="default" gives the official final_score. Pairs whose
     attention is not max-normalised (as the official extractor writes it) are left to the module tests."""
     rng = np.random.default_rng(0)
     options = {"checkpoint": golden_case / "weights.safetensors", "config": case_config(golden_case)}
@@ -131,7 +131,7 @@ def test_reranker_scores_are_official_probabilities_and_final_scores(golden_case
         queries = [features(x[i], inputs["x_global"][i], pad=3, rng=rng) for i in pairs]
         shortlists = [[features(y[i], inputs["y_global"][i])] for i in pairs]
         length = x.shape[1] + 4
-        for fusion, expected in ((None, "prob_same"), ("official", "final_score")):
+        for fusion, expected in ((None, "prob_same"), ("default", "final_score")):
             reranker = create_reranker("r2former", query_length=length, gallery_length=length, fusion=fusion, **options)
             scores = np.concatenate([r.scores for r in reranker.rerank_many(queries, shortlists)])
             np.testing.assert_allclose(scores, outputs[expected][pairs], atol=1e-5, rtol=0, err_msg=expected)
@@ -318,7 +318,7 @@ def test_top_k_rescores_only_the_head(data):
 def test_fusion_options(data):
     queries, shortlists = data
     plain = tiny_reranker().rerank(queries[0], shortlists[0]).scores
-    official = tiny_reranker(fusion="official")
+    official = tiny_reranker(fusion="default")
     assert official.fusion == (0.5, 1.0)  # the official initial ratio, clamped to [0.1, 0.9]
     glob = np.stack([d.global_desc for d in shortlists[0]]) @ queries[0].global_desc
     np.testing.assert_allclose(official.rerank(queries[0], shortlists[0]).scores, 0.5 * glob + 0.5 * plain, atol=1e-5)
@@ -370,7 +370,7 @@ def test_bad_input_errors(data):
     with pytest.raises(ValueError, match="num_corr"):
         tiny_reranker(gallery_length=4)
     with pytest.raises(ValueError, match="global"):
-        tiny_reranker(fusion="official").rerank(random_image(rng, 6, with_global=False), shortlists[0])
+        tiny_reranker(fusion="default").rerank(random_image(rng, 6, with_global=False), shortlists[0])
 
 
 def test_fused_attention_equals_the_reference_with_padding_values_and_gradients():

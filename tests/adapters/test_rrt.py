@@ -164,7 +164,7 @@ def test_training_pairs_follow_the_official_sampler(golden_case, tmp_path):
     neighbours = np.tile(np.arange(n_query, n_query + n_gallery), (n_query + n_gallery, 1))
     # query 0 shares landmark 0 with every other gallery image; the rest of the gallery are distractors
     landmark = np.r_[np.arange(n_query), np.where(np.arange(n_gallery) % 2 == 0, 0, -1)]
-    lists = TrainingLists(images, neighbours, landmark, topk=n_gallery, pairs="triplet", triplet_power=0,
+    lists = TrainingLists(images, neighbours, landmark, list_length=n_gallery, pairs="triplet", triplet_power=0,
                           min_positives=5)
     # queries 1, 2 have no positive, distractors are never anchors; landmark-0 gallery images are anchors too
     assert lists.queries.tolist() == [0, *range(n_query, n_query + n_gallery, 2)]
@@ -282,7 +282,7 @@ def test_trains_through_the_shared_loop_with_gradient_checkpointing(tmp_path):
         per_device_batch_size=4, grad_accumulation=1, lr=1e-2, save_every=0, progress=False, device="cpu",
         gradient_checkpointing=True,
     ))
-    train(cfg, TrainingLists(features, neighbours, labels, topk=7, seed=0))
+    train(cfg, TrainingLists(features, neighbours, labels, list_length=7, seed=0))
     trained = create_reranker("rrt", checkpoint=tmp_path / "run" / "final", **options)
     torch.manual_seed(0)
     initial = create_reranker("rrt", pretrained=False, **options)

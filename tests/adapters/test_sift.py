@@ -29,7 +29,7 @@ def test_root_sift_is_the_square_root_of_the_l1_normalised_histogram():
 
 def test_columns_keypoint_positions_and_global():
     image = blobs()
-    f = create_extractor("sift", max_keypoints=50).extract(image)
+    f = create_extractor("sift", num_locals=50).extract(image)
     assert 1 <= f.num_locals <= 50 and f.local.shape[1] == 128 and f.mask.all()
     assert np.all(np.diff(f.weight) <= 0)  # strongest first, as the official files
     assert np.all((f.xy > 0) & (f.xy < 1)) and np.all(f.scale > 0)
@@ -64,14 +64,14 @@ def test_a_crop_keeps_the_full_images_scale_and_maps_positions_back():
 def test_a_uniform_image_has_no_locals_and_extraction_is_deterministic():
     empty = create_extractor("sift").extract(np.full((64, 64, 3), 128, np.uint8))
     assert empty.num_locals == 0 and not empty.global_desc.any()
-    a, b = (create_extractor("sift", max_keypoints=30).extract(texture(96, 128)) for _ in range(2))
+    a, b = (create_extractor("sift", num_locals=30).extract(texture(96, 128)) for _ in range(2))
     assert a.num_locals == 30
     for name in ("local", "xy", "scale", "weight", "global_desc"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="max_keypoints"):
-        create_extractor("sift", max_keypoints=0)
+    with pytest.raises(ValueError, match="num_locals"):
+        create_extractor("sift", num_locals=0)
     with pytest.raises(ValueError, match="imsize"):
         create_extractor("sift", imsize=4)

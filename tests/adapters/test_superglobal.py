@@ -4,7 +4,7 @@ import pytest
 
 from locore_plugin import ImageFeatures, create_reranker
 
-CASES = {"M400_K9_beta0.15": dict(M=400, K=9, beta=0.15), "M50_K3_beta0.3": dict(M=50, K=3, beta=0.3)}
+CASES = {"M400_K9_beta0.15": dict(top_k=400, K=9, beta=0.15), "M50_K3_beta0.3": dict(top_k=50, K=3, beta=0.3)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -13,7 +13,7 @@ def test_matches_official_outputs(golden_dir, case):
     inputs = np.load(folder / "inputs.npz")
     expected = np.load(folder / f"outputs_{case}.npz")
     Q, X, ranks = inputs["Q"], inputs["X"], inputs["ranks_init"]
-    M = CASES[case]["M"]
+    M = CASES[case]["top_k"]
     reranker = create_reranker("superglobal", **CASES[case])
     results = reranker.rerank_many(
         [ImageFeatures(global_desc=q) for q in Q],
@@ -34,20 +34,20 @@ SHORTLIST = [ImageFeatures(global_desc=v) for v in (X2, X1, X0)]  # initial orde
 
 
 def test_hand_case_k1():
-    result = create_reranker("superglobal", M=400, K=1, beta=0.5).rerank(QUERY, SHORTLIST)
+    result = create_reranker("superglobal", top_k=400, K=1, beta=0.5).rerank(QUERY, SHORTLIST)
     assert result.order.tolist() == [2, 1, 0]
     np.testing.assert_allclose(result.scores, [0.567598, 0.776138, 0.944920], atol=2e-6)
 
 
 def test_hand_case_m_smaller_than_shortlist():
-    result = create_reranker("superglobal", M=2, K=1, beta=0.5).rerank(QUERY, SHORTLIST)
+    result = create_reranker("superglobal", top_k=2, K=1, beta=0.5).rerank(QUERY, SHORTLIST)
     # only the first two are re-ranked; X0 stays last with its incoming global score q.X0 = 1
     assert result.order.tolist() == [1, 0, 2]
     np.testing.assert_allclose(result.scores, [0.566939, 0.710204, 1.0], atol=2e-6)
 
 
 def test_shortlist_shorter_than_m_and_k():
-    result = create_reranker("superglobal", M=400, K=9).rerank(QUERY, SHORTLIST[:2])
+    result = create_reranker("superglobal", top_k=400, K=9).rerank(QUERY, SHORTLIST[:2])
     assert sorted(result.order.tolist()) == [0, 1]
     single = create_reranker("superglobal").rerank(QUERY, SHORTLIST[:1])
     assert single.order.tolist() == [0]
@@ -58,7 +58,7 @@ def test_batched_equals_one_by_one():
     unit = lambda v: (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
     queries = [ImageFeatures(global_desc=unit(rng.normal(size=16))) for _ in range(4)]
     shortlists = [[ImageFeatures(global_desc=unit(rng.normal(size=16))) for _ in range(n)] for n in (30, 12, 30, 5)]
-    reranker = create_reranker("superglobal", M=20, K=3, batch_size=2)
+    reranker = create_reranker("superglobal", top_k=20, K=3, batch_size=2)
     together = reranker.rerank_many(queries, shortlists)
     for q, s, r in zip(queries, shortlists, together):
         alone = reranker.rerank(q, s)
@@ -74,7 +74,7 @@ def test_bad_input():
         reranker.rerank(QUERY, [ImageFeatures(global_desc=np.ones(3))])
     with pytest.raises(ValueError, match="needs the column"):
         reranker.rerank(QUERY, [ImageFeatures(local=np.ones((4, 2)))])
-    with pytest.raises(ValueError, match="M >= 1"):
-        create_reranker("superglobal", M=0)
+    with pytest.raises(ValueError, match="top_k >= 1"):
+        create_reranker("superglobal", top_k=0)
     with pytest.raises(TypeError):
         create_reranker("superglobal", checkpoint="x")

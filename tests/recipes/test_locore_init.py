@@ -124,7 +124,7 @@ def test_recipe_script_writes_a_loadable_checkpoint_that_runs(longformer_dir, tm
     script.main(["locore-small", "--source", str(longformer_dir), "--out", str(out), "--local-dim", "24",
                  "--global-dim", "16", "--attention-window", "16"])
     assert "locore-small:" in capsys.readouterr().out
-    reranker = create_reranker("locore-small", checkpoint=out, device="cpu", num_locals=4, window=3, stride=2, shortlist=5)
+    reranker = create_reranker("locore-small", checkpoint=out, device="cpu", query_length=4, window=3, stride=2, top_k=5)
     assert reranker.config.num_hidden_layers == 6 and reranker.config.local_dim == 24
     assert reranker.config.attention_window == (16,) * 6
     rng = np.random.default_rng(0)
