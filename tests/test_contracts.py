@@ -59,3 +59,14 @@ def test_a_learned_reranker_round_trips_save_and_load(name, tmp_path):
     want, got = reranker.rerank(query, gallery, scores), loaded.rerank(query, gallery, scores)
     np.testing.assert_array_equal(got.order, want.order)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_local_methods_state_their_lengths_in_the_shared_vocabulary(name):
+    """What the benchmark and evaluation read back: a method of local descriptors says how many
+    locals per image it keeps as ``query_length`` / ``gallery_length``."""
+    entry = {e.name: e for e in list_rerankers()}[name]
+    if "local" not in entry.metadata.inputs or "+" in name:
+        pytest.skip(f"{name} reads no local descriptors itself")
+    reranker = create_reranker(name, pretrained=False)
+    assert reranker.query_length >= 1 and reranker.gallery_length >= 1
