@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from locore_plugin.checkpoints import count_blocks
 from locore_plugin.hookspecs import hookimpl
+from locore_plugin.io.checkpoints import count_blocks
 from locore_plugin.nn import (
     ATTENTION_IMPLEMENTATIONS,
     FUSED,

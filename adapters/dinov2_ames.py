@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locore_plugin.checkpoints import load_strict, read_state_dict
 from locore_plugin.extractors import Crop, ImageExtractor
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
+from locore_plugin.io.checkpoints import load_strict, read_state_dict
 from locore_plugin.options import merge_renamed, renamed_options
 from locore_plugin.runtime import resolve_device, resolve_dtype
 

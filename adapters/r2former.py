@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locore_plugin.checkpoints import Checkpoint, count_blocks, read_checkpoint
 from locore_plugin.hookspecs import hookimpl
+from locore_plugin.io.checkpoints import Checkpoint, count_blocks, read_checkpoint
 from locore_plugin.nn import (
     ATTENTION_IMPLEMENTATIONS,
     FUSED,

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from locore_plugin.checkpoints import count_blocks
 from locore_plugin.hookspecs import hookimpl
+from locore_plugin.io.checkpoints import count_blocks
 from locore_plugin.nn import (
     ATTENTION_IMPLEMENTATIONS,
     FUSED,

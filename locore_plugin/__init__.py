@@ -6,18 +6,18 @@ rerankers do not pay for its backends.
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from .extractors import ImageExtractor, create_extractor, list_extractors
-from .features import ImageFeatures
-from .hookspecs import hookimpl
-from .interface import ImageReranker, RerankResult, TrainableReranker, ranked, with_tail
-from .metrics import compute_map
-from .pickles import read_pickle
-from .post_import import when_imported as _when_imported
-from .registry import UnknownNameError, create_reranker, list_rerankers
+from locore_plugin.evaluation.metrics import compute_map
+from locore_plugin.extractors import ImageExtractor, create_extractor, list_extractors
+from locore_plugin.features import ImageFeatures
+from locore_plugin.hookspecs import hookimpl
+from locore_plugin.interface import ImageReranker, RerankResult, TrainableReranker, ranked, with_tail
+from locore_plugin.io.pickles import read_pickle
+from locore_plugin.post_import import when_imported as _when_imported
+from locore_plugin.registry import UnknownNameError, create_reranker, list_rerankers
 
 
 def _install_bridge(rerankers_module) -> None:
-    from .bridge import install
+    from locore_plugin.bridge import install
 
     install()
 

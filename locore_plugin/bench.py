@@ -41,12 +41,12 @@ import numpy as np
 import torch
 from torch.utils import flop_counter
 
-from .atomic import atomic_write
-from .features import ImageFeatures
-from .nn import attention_layers
-from .progress import progress
-from .registry import create_reranker, lookup, registered_rerankers
-from .runtime import resolve_device, resolve_dtype
+from locore_plugin.features import ImageFeatures
+from locore_plugin.io.atomic import atomic_write
+from locore_plugin.nn import attention_layers
+from locore_plugin.progress import progress
+from locore_plugin.registry import create_reranker, lookup, registered_rerankers
+from locore_plugin.runtime import resolve_device, resolve_dtype
 
 # Descriptor sizes for re-rankers that do not state theirs: SuperGlobal's CVNet-R50 globals and SIFT locals.
 DEFAULT_GLOBAL_DIM, DEFAULT_LOCAL_DIM, DEFAULT_LOCALS = 2048, 128, 1000

@@ -19,9 +19,9 @@ from rerankers.documents import Document
 from rerankers.models.ranker import BaseRanker
 from rerankers.results import RankedResults, Result
 
-from .extractors import ImageExtractor, create_extractor, list_extractors
-from .features import ImageFeatures
-from .registry import CHAIN_SEPARATOR, create_reranker, is_reranker_name, registered_rerankers
+from locore_plugin.extractors import ImageExtractor, create_extractor, list_extractors
+from locore_plugin.features import ImageFeatures
+from locore_plugin.registry import CHAIN_SEPARATOR, create_reranker, is_reranker_name, registered_rerankers
 
 MODEL_TYPE = "locore_plugin"
 FEATURES_KEY = "features"

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bench import add_parser as add_bench_command
-from .demo import add_demo_command
-from .evaluate import add_eval_command
-from .extractors import add_extract_command, list_extractors
-from .registry import list_rerankers
-from .training import add_subcommand as add_train_command
+from locore_plugin.bench import add_parser as add_bench_command
+from locore_plugin.demo import add_demo_command
+from locore_plugin.evaluation import add_eval_command
+from locore_plugin.extractors import add_extract_command, list_extractors
+from locore_plugin.registry import list_rerankers
+from locore_plugin.training import add_subcommand as add_train_command
 
 
 def _add_list(subparsers):

@@ -11,11 +11,11 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import synthetic
-from .evaluate import EvalConfig, MethodSpec, apply_options, checkpoint_option, format_table, guarded, run, untrained_reason
-from .registry import list_rerankers
-from .training import load_config
-from .training import train as train_run
+from locore_plugin.data import synthetic
+from locore_plugin.evaluation import EvalConfig, MethodSpec, apply_options, checkpoint_option, format_table, guarded, run, untrained_reason
+from locore_plugin.registry import list_rerankers
+from locore_plugin.training import load_config
+from locore_plugin.training import train as train_run
 
 # The CPU smoke recipes (in ``recipes/``, installed as ``locore_plugin.recipes``) that ``demo``
 # trains, so that learned re-rankers take part with weights that mean something.

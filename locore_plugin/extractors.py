@@ -26,10 +26,10 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .atomic import atomic_write, set_aside
-from .features import ImageFeatures
-from .options import parse_assignment
-from .registry import ExtractorInfo, RegistryEntry, collect, lookup
+from locore_plugin.features import ImageFeatures
+from locore_plugin.io.atomic import atomic_write, set_aside
+from locore_plugin.options import parse_assignment
+from locore_plugin.registry import ExtractorInfo, RegistryEntry, collect, lookup
 
 BBox = Sequence[float]
 
@@ -331,7 +331,7 @@ def _to_full_frame(features: ImageFeatures, x0, y0, x1, y1, width, height) -> Im
 
 
 def _progress(total: int, verbose: int, description: str):
-    from .progress import progress
+    from locore_plugin.progress import progress
 
     return progress(total=total, desc=description, disable=not verbose or total == 0, unit="image")
 
@@ -347,13 +347,13 @@ def extract_split(extractor: ImageExtractor, images: Sequence, directory, desc: 
                   verbose: bool = True) -> tuple[Path, Path]:
     """Extract ``images`` and write ``{desc}_{split}_local.hdf5`` / ``{desc}_{split}_global.pt``
     (official layout, ``extractor.num_locals`` rows per image) with
-    :class:`~locore_plugin.descriptors.DescriptorWriter`.
+    :class:`~locore_plugin.io.descriptors.DescriptorWriter`.
 
     Images go through the extractor's cache in chunks, so with an on-disk cache an interrupted run
     resumes where it stopped; the files appear only once complete.
     """
-    from .descriptors import DescriptorWriter
-    from .progress import progress
+    from locore_plugin.io.descriptors import DescriptorWriter
+    from locore_plugin.progress import progress
 
     if not images:
         raise ValueError(f"no images for the {split} split")
@@ -390,7 +390,7 @@ def _image_folder(folder: Path) -> list[Path]:
 
 def _revisited_splits(folder: Path, gnd_path: Path) -> dict[str, tuple[list[Path], Optional[list]]]:
     """Query (cropped to the ground-truth ``bbx``) and gallery images of a revisited dataset."""
-    from .pickles import read_pickle
+    from locore_plugin.io.pickles import read_pickle
 
     info = read_pickle(gnd_path)
     if not isinstance(info, dict) or not {"imlist", "qimlist", "gnd"} <= set(info):

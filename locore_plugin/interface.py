@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from .features import ImageFeatures, stack_globals
+from locore_plugin.features import ImageFeatures, stack_globals
 
 if TYPE_CHECKING:  # torch is imported lazily: the interface alone does not need it
     import torch

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import Checkpoint, load_strict, read_checkpoint, save_pretrained_folder
-from .features import ImageFeatures, stack_globals, stack_locals
-from .fusion import fuse_scores
-from .interface import TrainableReranker, ranked, with_tail
-from .nn import REFERENCE, attention_layers
-from .progress import progress
-from .runtime import resolve_device, resolve_dtype
+from locore_plugin.features import ImageFeatures, stack_globals, stack_locals
+from locore_plugin.fusion import fuse_scores
+from locore_plugin.interface import TrainableReranker, ranked, with_tail
+from locore_plugin.io.checkpoints import Checkpoint, load_strict, read_checkpoint, save_pretrained_folder
+from locore_plugin.nn import REFERENCE, attention_layers
+from locore_plugin.progress import progress
+from locore_plugin.runtime import resolve_device, resolve_dtype
 
 # Pairs per forward on a CPU when ``batch_size`` is not given: a batch's layer activations then
 # stay in cache and its buffers are reused. Measured on a 2-core Zen 4 (100 pairs at the official

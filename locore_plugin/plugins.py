@@ -6,8 +6,8 @@ import os
 
 import pluggy
 
-from . import hookspecs
-from .default_plugins import DEFAULT_PLUGINS
+from locore_plugin import hookspecs
+from locore_plugin.default_plugins import DEFAULT_PLUGINS
 
 ENTRY_POINT_GROUP = "locore_plugin"
 PLUGINS_ENV = "LOCORE_PLUGINS"

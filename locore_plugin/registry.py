@@ -11,8 +11,8 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .interface import ImageReranker, RerankResult
-from .plugins import load_plugins, plugin_distribution
+from locore_plugin.interface import ImageReranker, RerankResult
+from locore_plugin.plugins import load_plugins, plugin_distribution
 
 CHAIN_SEPARATOR = "+"
 

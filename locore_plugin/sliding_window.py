@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .fusion import fuse_scores
-from .interface import RerankResult, with_tail
-from .progress import progress as progress_bar
+from locore_plugin.fusion import fuse_scores
+from locore_plugin.interface import RerankResult, with_tail
+from locore_plugin.progress import progress as progress_bar
 
 ORDERS = ("end-to-start", "start-to-end")
 

@@ -43,12 +43,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .atomic import atomic_write, set_aside
-from .interface import TrainableReranker
-from .options import read_recipe_file
-from .progress import progress
-from .registry import create_reranker
-from .runtime import resolve_device, resolve_dtype
+from locore_plugin.interface import TrainableReranker
+from locore_plugin.io.atomic import atomic_write, set_aside
+from locore_plugin.options import read_recipe_file
+from locore_plugin.progress import progress
+from locore_plugin.registry import create_reranker
+from locore_plugin.runtime import resolve_device, resolve_dtype
 
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _SCHEDULES = ("constant", "linear", "cosine")
@@ -231,7 +231,7 @@ def _seed_everything(seed: int, reranker=None) -> None:
 
 
 class Trainer:
-    """One training run. ``dataset`` yields :class:`~locore_plugin.training_data.TrainingList`
+    """One training run. ``dataset`` yields :class:`~locore_plugin.data.training_lists.TrainingList`
     items and has ``set_epoch(epoch)``; ``validate(reranker) -> {metric: value}`` runs on rank 0
     after every epoch (the first value is the one the best checkpoint is chosen by)."""
 
@@ -268,7 +268,7 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 mixed precision needs a CUDA device; use bf16 or fp32 on CPU")
         if self.dataset is None:
-            from .training_data import training_data
+            from locore_plugin.data.training_lists import training_data
 
             self.dataset = training_data(cfg.data, cfg.seed)
         if self.validate is None and cfg.validation is not None:
@@ -582,7 +582,7 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _write_folder(folder: Path, write: Callable[[Path], None]) -> Path:
-    """The folder counterpart of :func:`~locore_plugin.atomic.atomic_write`: ``write(tmp)`` fills a
+    """The folder counterpart of :func:`~locore_plugin.io.atomic.atomic_write`: ``write(tmp)`` fills a
     temporary sibling (``write`` creates it), whose files are fsynced before it is swapped in place of
     ``folder``. A directory cannot replace a non-empty one in a single rename, so the old one is
     first moved aside: a kill between the two renames leaves ``folder`` absent (its previous
@@ -621,7 +621,7 @@ def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
     100), ``num_locals``, ``batch_size``. Returns ``{"<protocol>_mAP": ...}`` in percent, the first
     protocol first (the best checkpoint is chosen by it), plus the global-only mAPs for reference.
     """
-    from .evaluate import DatasetEvaluation, load_dataset, resolve_data_root
+    from locore_plugin.evaluation import DatasetEvaluation, load_dataset, resolve_data_root
 
     options = dict(options)
     protocols = list(options.pop("protocols", ["medium"]))
@@ -632,7 +632,7 @@ def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
     nn = options.pop("nn", None)
     synthetic = options.pop("synthetic", None)
     if synthetic is not None:
-        from . import synthetic as benchmark
+        from locore_plugin.data import synthetic as benchmark
 
         directory = options.pop("directory", None)
         if directory is None:

@@ -12,7 +12,6 @@ from rerankers import Document
 import locore_plugin  # noqa: F401  (installs the bridge)
 from locore_plugin import create_reranker
 from locore_plugin.cli import main
-from locore_plugin.descriptors import LocalReader, read_globals
 from locore_plugin.extractors import (
     ImageExtractor,
     create_extractor,
@@ -22,6 +21,7 @@ from locore_plugin.extractors import (
 )
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
+from locore_plugin.io.descriptors import LocalReader, read_globals
 from locore_plugin.registry import UnknownNameError
 
 CALLS = []  # images the probe extracted, across instances (the CLI builds its own)

@@ -22,7 +22,7 @@ def test_assignments_and_the_error_that_shows_the_syntax():
 
 
 def test_eval_option_none_reaches_the_factory():
-    from locore_plugin.evaluate import MethodSpec, apply_options
+    from locore_plugin.evaluation import MethodSpec, apply_options
 
     methods = [MethodSpec("ames-dinov2", {}), MethodSpec("superglobal+locore-tiny", {})]
     apply_options(methods, ["ames-dinov2.fusion=None", "locore-tiny.fusion=(0, 1)", "ames-dinov2.top_k=(100)"])

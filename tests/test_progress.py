@@ -37,8 +37,8 @@ def test_the_training_bar_in_a_log_is_not_redrawn_per_step(tmp_path, capsys):
     import numpy as np
 
     from locore_plugin import ImageFeatures
+    from locore_plugin.data.training_lists import TrainingLists
     from locore_plugin.training import TrainConfig, train
-    from locore_plugin.training_data import TrainingLists
 
     rng = np.random.default_rng(0)
     features = [ImageFeatures(global_desc=rng.normal(size=4), local=rng.normal(size=(5, 8))) for _ in range(40)]

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from locore_plugin import ImageFeatures, create_reranker
-from locore_plugin.checkpoints import load_strict, read_state_dict
+from locore_plugin.data.training_lists import TrainingLists
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import ImageReranker, TrainableReranker, ranked
+from locore_plugin.io.checkpoints import load_strict, read_state_dict
 from locore_plugin.training import TrainConfig, load_config, main, train
-from locore_plugin.training_data import TrainingLists
 
 DIM = 8
 

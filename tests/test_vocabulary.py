@@ -57,7 +57,7 @@ def test_old_extractor_and_training_list_options():
     with pytest.warns(DeprecationWarning, match="'max_keypoints' is deprecated"):
         assert create_extractor("sift", max_keypoints=40).num_locals == 40
     from locore_plugin import ImageFeatures
-    from locore_plugin.training_data import TrainingLists
+    from locore_plugin.data.training_lists import TrainingLists
 
     features = [ImageFeatures(global_desc=np.ones(2)) for _ in range(4)]
     neighbours = np.array([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]])

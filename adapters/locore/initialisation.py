@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from locore_plugin.checkpoints import CONFIG_FILE, load_strict, read_state_dict
+from locore_plugin.io.checkpoints import CONFIG_FILE, load_strict, read_state_dict
 
 from .configuration import _PAD_ID, _SEP_ID, VARIANTS, LocoreConfig
 from .modeling import LocoreModel

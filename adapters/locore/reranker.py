@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from locore_plugin.checkpoints import load_strict
 from locore_plugin.features import ImageFeatures, stack_globals, stack_locals
 from locore_plugin.interface import RerankResult, TrainableReranker
+from locore_plugin.io.checkpoints import load_strict
 from locore_plugin.options import merge_renamed, renamed_options
 from locore_plugin.progress import progress
 from locore_plugin.runtime import resolve_device, resolve_dtype

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import torch
 
-from locore_plugin.checkpoints import read_checkpoint as read_any_checkpoint
-from locore_plugin.checkpoints import save_pretrained_folder
+from locore_plugin.io.checkpoints import read_checkpoint as read_any_checkpoint
+from locore_plugin.io.checkpoints import save_pretrained_folder
 
 from .configuration import LocoreConfig
 from .modeling import LocoreModel

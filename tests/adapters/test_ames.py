@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from locore_plugin import ImageFeatures, create_reranker
-from locore_plugin.checkpoints import StateDictMismatchError
 from locore_plugin.fusion import fuse_scores
+from locore_plugin.io.checkpoints import StateDictMismatchError
 
 
 def unxz(path, target):
@@ -242,8 +242,8 @@ def test_reduced_precision_stays_close(golden_case, dtype, atol, tmp_path):
 
 
 def test_trains_through_the_shared_loop_with_gradient_checkpointing(tmp_path):
+    from locore_plugin.data.training_lists import TrainingLists
     from locore_plugin.training import TrainConfig, train
-    from locore_plugin.training_data import TrainingLists
 
     rng = np.random.default_rng(0)
     features = [ImageFeatures(global_desc=rng.normal(size=4), local=rng.normal(size=(5, 16))) for _ in range(16)]

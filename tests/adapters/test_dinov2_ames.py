@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from locore_plugin.adapters.dinov2_ames import SpatialAttention2d
-from locore_plugin.checkpoints import StateDictMismatchError
 from locore_plugin.extractors import Crop, create_extractor
+from locore_plugin.io.checkpoints import StateDictMismatchError
 
 DIM = 32
 OFFICIAL_KEYS = {  # extract/spatial_attention_2d.py: conv1 + bn + conv2 (act1 and softplus hold no weights)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from locore_plugin import ImageFeatures, create_reranker
-from locore_plugin.checkpoints import StateDictMismatchError
 from locore_plugin.fusion import fuse_scores
+from locore_plugin.io.checkpoints import StateDictMismatchError
 
 
 def load_case(case):

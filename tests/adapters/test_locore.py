@@ -16,7 +16,7 @@ from locore_plugin.adapters.locore import (
     parameter_count,
     reduce_scores,
 )
-from locore_plugin.checkpoints import StateDictMismatchError, read_state_dict
+from locore_plugin.io.checkpoints import StateDictMismatchError, read_state_dict
 
 GOLDEN = pytest.mark.golden("locore")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from locore_plugin import create_reranker
-from locore_plugin.training_data import training_data
+from locore_plugin.data.training_lists import training_data
 
 SMALL = {
     "ames-dinov2": dict(config=dict(local_dim=32, model_dim=32, nhead=2, num_encoder_layers=1, dim_feedforward=64)),

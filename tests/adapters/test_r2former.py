@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from locore_plugin import ImageFeatures, create_reranker
 from locore_plugin.adapters.r2former import CONFIGS, R2Former, R2FormerConfig, build_module
-from locore_plugin.checkpoints import StateDictMismatchError, read_state_dict
+from locore_plugin.io.checkpoints import StateDictMismatchError, read_state_dict
 from locore_plugin.nn import set_attention_implementation
 
 TINY = {"hidden": 16, "depth": 2, "pair_depth": 1, "heads": 2, "local_dim": 8, "global_dim": 8, "num_patches": 16}

@@ -154,7 +154,7 @@ def test_training_pairs_follow_the_official_sampler(golden_case, tmp_path):
     """The official TripletSampler is the data's pairs="triplet" (power 0, >= 5 positives in the first
     100): each anchor's list is one random positive and one random negative, and the loss is the
     binary cross-entropy of the official logits of those two pairs."""
-    from locore_plugin.training_data import TrainingLists
+    from locore_plugin.data.training_lists import TrainingLists
 
     queries, gallery, _, outputs, config = load_case(golden_case)
     reranker = rrt(unxz(golden_case / "checkpoint.pt.xz", tmp_path / "w.pt"), config)
@@ -267,8 +267,8 @@ def test_scale_column_index_uses_the_level_as_the_bin():
 
 
 def test_trains_through_the_shared_loop_with_gradient_checkpointing(tmp_path):
+    from locore_plugin.data.training_lists import TrainingLists
     from locore_plugin.training import TrainConfig, train
-    from locore_plugin.training_data import TrainingLists
 
     rng = np.random.default_rng(0)
     features = [image(rng, n=5) for _ in range(16)]

@@ -11,10 +11,10 @@ import pickle
 import numpy as np
 import pytest
 
-from locore_plugin import synthetic
-from locore_plugin.descriptors import open_revisited, read_nn
-from locore_plugin.metrics import compute_map, revisited_gnd
-from locore_plugin.pickles import read_pickle
+from locore_plugin.data import synthetic
+from locore_plugin.evaluation.metrics import compute_map, revisited_gnd
+from locore_plugin.io.descriptors import open_revisited, read_nn
+from locore_plugin.io.pickles import read_pickle
 
 MATCH = 0.75  # cosine above which two locals count as the same pattern (noise norm 0.5 -> ~0.89)
 

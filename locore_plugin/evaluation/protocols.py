@@ -1,6 +1,6 @@
 """Revisited Oxford/Paris evaluation protocols for re-ranking (LoCoRE supplementary B.1).
 
-Scoring follows revisitop (:func:`locore_plugin.metrics.revisited_gnd`). What differs between
+Scoring follows revisitop (:func:`locore_plugin.evaluation.metrics.revisited_gnd`). What differs between
 the protocols, and between published evaluation codes, is which gallery images may enter the
 shortlist that a re-ranker sees:
 
@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .metrics import revisited_gnd
+from locore_plugin.evaluation.metrics import revisited_gnd
 
 JUNK_MODES = ("keep", "remove")
 
@@ -49,7 +49,7 @@ class Protocol:
         return (("junk",) if junk == "remove" else ()) + (("easy",) if self.easy_leaves else ())
 
     def scoring_gnd(self, gnd: Sequence[Mapping]) -> list[dict[str, np.ndarray]]:
-        """Per-query ``ok``/``junk`` arrays for :func:`locore_plugin.metrics.compute_map`."""
+        """Per-query ``ok``/``junk`` arrays for :func:`locore_plugin.evaluation.metrics.compute_map`."""
         return revisited_gnd(gnd, self.scoring)
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from locore_plugin import atomic
-from locore_plugin.atomic import atomic_write
+from locore_plugin.io import atomic
+from locore_plugin.io.atomic import atomic_write
 
 
 def test_writes_text_and_bytes_and_leaves_no_temporary_file(tmp_path):
@@ -26,7 +26,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_set_aside_keeps_the_entry_and_tolerates_a_rank_that_was_first(tmp_path, capsys):
-    from locore_plugin.atomic import set_aside
+    from locore_plugin.io.atomic import set_aside
 
     entry = tmp_path / "cache.json"
     entry.write_text("{trunc")

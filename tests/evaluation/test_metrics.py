@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from locore_plugin import compute_map
-from locore_plugin.metrics import map_at_r, recall_at_k, revisited_gnd
-from locore_plugin.pickles import read_pickle
+from locore_plugin.evaluation.metrics import map_at_r, recall_at_k, revisited_gnd
+from locore_plugin.io.pickles import read_pickle
 
 DATASETS = ("roxford5k", "rparis6k")
 TOL = 1e-12

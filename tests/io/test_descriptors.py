@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from locore_plugin import ImageFeatures, read_pickle
-from locore_plugin import descriptors as dmod
-from locore_plugin.descriptors import (
+from locore_plugin.io import descriptors as dmod
+from locore_plugin.io.descriptors import (
     DescriptorSet,
     DescriptorWriter,
     build_shortlist,

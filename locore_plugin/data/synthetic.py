@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from locore_plugin.io.atomic import atomic_write
 
 DATASET = "synthetic"
 DESCRIPTOR = "synth"
@@ -189,8 +189,8 @@ def generate(seed: int = 0, size: str | SyntheticConfig = "small") -> SyntheticD
 
 def image_features(rows: np.ndarray, globals_: np.ndarray):
     """ImageFeatures of official flat-layout rows [N, topk, 5 + D] and their globals."""
-    from .descriptors import META, official_columns
-    from .features import ImageFeatures
+    from locore_plugin.features import ImageFeatures
+    from locore_plugin.io.descriptors import META, official_columns
 
     columns = official_columns(rows[..., :META], rows[..., META:])
     return [ImageFeatures(global_desc=g, **{k: v[i] for k, v in columns.items()}) for i, g in enumerate(globals_)]
@@ -204,7 +204,7 @@ def write(root, seed: int = 0, size: str | SyntheticConfig = "small") -> Path:
     written last: a folder with it is complete). An existing complete folder with the same seed
     and config is left as it is.
     """
-    from .descriptors import build_shortlist, write_descriptors, write_nn
+    from locore_plugin.io.descriptors import build_shortlist, write_descriptors, write_nn
 
     cfg = _config(size)
     folder = Path(root) / DATASET

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from locore_plugin import ImageFeatures, create_reranker
-from locore_plugin.evaluate import DatasetEvaluation, EvalData, full_ranking, global_similarities
+from locore_plugin.evaluation import DatasetEvaluation, EvalData, full_ranking, global_similarities
+from locore_plugin.evaluation.protocols import HARD, HARD_STAR, MEDIUM, get_protocol, parse_protocols, prepare_ranking
 from locore_plugin.interface import ImageReranker, ranked
-from locore_plugin.protocols import HARD, HARD_STAR, MEDIUM, get_protocol, parse_protocols, prepare_ranking
 
 GND = [{"easy": [0], "hard": [1], "junk": [5]}]
 

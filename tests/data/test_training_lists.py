@@ -6,15 +6,15 @@ import pytest
 from torch.utils.data import DataLoader
 
 from locore_plugin import ImageFeatures
-from locore_plugin.descriptors import write_descriptors, write_nn
-from locore_plugin.synthetic import generate
-from locore_plugin.training import collate_lists
-from locore_plugin.training_data import (
+from locore_plugin.data.synthetic import generate
+from locore_plugin.data.training_lists import (
     TrainingLists,
     open_training_lists,
     read_image_list,
     write_synthetic_split,
 )
+from locore_plugin.io.descriptors import write_descriptors, write_nn
+from locore_plugin.training import collate_lists
 
 
 def test_image_list_reads_landmark_ids(tmp_path):

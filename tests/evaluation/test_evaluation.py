@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from locore_plugin import demo, evaluate, synthetic
-from locore_plugin.evaluate import EvalConfig, MethodSpec, full_ranking
-from locore_plugin.metrics import compute_map, revisited_gnd
+from locore_plugin import demo, evaluation
+from locore_plugin.data import synthetic
+from locore_plugin.evaluation import EvalConfig, MethodSpec, full_ranking, runner
+from locore_plugin.evaluation.metrics import compute_map, revisited_gnd
+from locore_plugin.evaluation.runner import _weights_chosen
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_full_ranking_puts_the_published_shortlist_first():
 
 
 def test_global_row_matches_an_independent_computation(data_root, tmp_path):
-    report = evaluate.run(_config(data_root, tmp_path, methods=()), log=lambda *a: None)
+    report = evaluation.run(_config(data_root, tmp_path, methods=()), log=lambda *a: None)
     data = synthetic.generate(0, "tiny")
     ranks = np.argsort(-(data.query_global @ data.gallery_global.T), axis=1, kind="stable").T
     gnd = data.gnd["gnd"]
@@ -47,9 +49,9 @@ def test_global_row_matches_an_independent_computation(data_root, tmp_path):
 
 
 def test_truncated_metric_scores_the_published_shortlist(data_root, tmp_path):
-    report = evaluate.run(_config(data_root, tmp_path, methods=(), metric="truncated", nn="global", junk="keep"),
+    report = evaluation.run(_config(data_root, tmp_path, methods=(), metric="truncated", nn="global", junk="keep"),
                           log=lambda *a: None)
-    from locore_plugin.descriptors import read_nn
+    from locore_plugin.io.descriptors import read_nn
 
     _, idx = read_nn(data_root / "synthetic" / "nn_global.pkl")
     gnd = synthetic.generate(0, "tiny").gnd["gnd"]
@@ -59,7 +61,7 @@ def test_truncated_metric_scores_the_published_shortlist(data_root, tmp_path):
 
 def test_tables_follow_the_supplementary_table_b_layout(data_root, tmp_path):
     config = _config(data_root, tmp_path, plots=True)
-    report = evaluate.run(config, log=lambda *a: None)
+    report = evaluation.run(config, log=lambda *a: None)
     md = (tmp_path / "results.md").read_text().splitlines()
     assert md[0] == "| Method | Synth Medium | Synth Hard | Synth Hard* |"
     assert [line.split("|")[1].strip() for line in md[2:4]] == ["global", "superglobal"]
@@ -82,14 +84,14 @@ def test_tables_follow_the_supplementary_table_b_layout(data_root, tmp_path):
     assert plots == ["synthetic__global__vs__superglobal.png"]
     assert (tmp_path / "plots" / plots[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (tmp_path / "plots" / plots[0]).stat().st_mtime_ns
-    evaluate.run(config, log=lambda *a: None)  # everything cached: the plot is not redrawn
+    evaluation.run(config, log=lambda *a: None)  # everything cached: the plot is not redrawn
     assert (tmp_path / "plots" / plots[0]).stat().st_mtime_ns == stamp
 
 
 def test_an_interrupted_run_resumes_and_a_finished_one_reprints_without_work(data_root, tmp_path, monkeypatch):
     methods = ("superglobal", MethodSpec("superglobal", {"K": 3}, label="superglobal-K3"))
     computed = []
-    original = evaluate.DatasetEvaluation.run
+    original = evaluation.DatasetEvaluation.run
 
     def counting(self, reranker=None, top_k=100, batch_size=8, label=""):
         if label == "superglobal-K3" and fail[0]:
@@ -97,63 +99,63 @@ def test_an_interrupted_run_resumes_and_a_finished_one_reprints_without_work(dat
         computed.append(label or "global")
         return original(self, reranker, top_k, batch_size, label)
 
-    monkeypatch.setattr(evaluate.DatasetEvaluation, "run", counting)
+    monkeypatch.setattr(evaluation.DatasetEvaluation, "run", counting)
     fail = [True]
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run(_config(data_root, tmp_path, methods), log=lambda *a: None)
+        evaluation.run(_config(data_root, tmp_path, methods), log=lambda *a: None)
     assert computed == ["global", "superglobal"]
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
     fail[0] = False
     computed.clear()
-    first = evaluate.run(_config(data_root, tmp_path, methods), log=lambda *a: None)
+    first = evaluation.run(_config(data_root, tmp_path, methods), log=lambda *a: None)
     assert computed == ["superglobal-K3"]  # only what the interruption lost
 
     computed.clear()
-    monkeypatch.setattr(evaluate, "load_dataset", lambda *a, **k: pytest.fail("a finished run must not load data"))
-    again = evaluate.run(_config(data_root, tmp_path, methods), log=lambda *a: None)
+    monkeypatch.setattr(runner, "load_dataset", lambda *a, **k: pytest.fail("a finished run must not load data"))
+    again = evaluation.run(_config(data_root, tmp_path, methods), log=lambda *a: None)
     assert computed == [] and again == first
 
 
 def test_a_truncated_cache_entry_is_set_aside_and_recomputed(data_root, tmp_path, capsys):
-    first = evaluate.run(_config(data_root, tmp_path), log=lambda *a: None)
+    first = evaluation.run(_config(data_root, tmp_path), log=lambda *a: None)
     entry = sorted((tmp_path / "cache").rglob("superglobal-*.json"))[0]
     entry.write_text(entry.read_text()[:8])  # a full disk, a killed copy
-    again = evaluate.run(_config(data_root, tmp_path), log=lambda *a: None)
+    again = evaluation.run(_config(data_root, tmp_path), log=lambda *a: None)
     assert again == first
     assert str(entry) in capsys.readouterr().err
     assert entry.with_name(entry.name + ".corrupt").is_file() and json.loads(entry.read_text())["scores"]
 
 
 def test_a_changed_setting_is_computed_again(data_root, tmp_path):
-    evaluate.run(_config(data_root, tmp_path), log=lambda *a: None)
+    evaluation.run(_config(data_root, tmp_path), log=lambda *a: None)
     entries = len(list((tmp_path / "cache").rglob("*.json")))
-    evaluate.run(_config(data_root, tmp_path, top_k=20), log=lambda *a: None)
+    evaluation.run(_config(data_root, tmp_path, top_k=20), log=lambda *a: None)
     assert len(list((tmp_path / "cache").rglob("*.json"))) == entries + 1  # the global row is unchanged by top_k
 
 
 def test_options_reach_rows_and_chain_stages():
     methods = [MethodSpec("superglobal"), MethodSpec("superglobal+locore-base")]
-    evaluate.apply_options(methods, ["superglobal.K=3", "locore-base.checkpoint=\"/ckpt\"", "superglobal+locore-base.dtype=bf16"])
+    evaluation.apply_options(methods, ["superglobal.K=3", "locore-base.checkpoint=\"/ckpt\"", "superglobal+locore-base.dtype=bf16"])
     assert methods[0].options == {"K": 3}
     assert methods[1].stage_options == {"superglobal": {"K": 3}, "locore-base": {"checkpoint": "/ckpt"}}
     assert methods[1].options == {"dtype": "bf16"}
-    with pytest.raises(evaluate.EvaluationError, match="no method"):
-        evaluate.apply_options(methods, ["gv.threshold=0.1"])
+    with pytest.raises(evaluation.EvaluationError, match="no method"):
+        evaluation.apply_options(methods, ["gv.threshold=0.1"])
 
 
 def test_recipes_parse_and_cover_the_tox_envs():
     tox = (ROOT / "tox.ini").read_text()
     for name, dataset in {"roxf": "roxford5k", "rpar": "rparis6k", "roxf1m": "roxford5k+1m", "rpar1m": "rparis6k+1m"}.items():
-        recipe = evaluate.read_recipe(ROOT / "recipes" / f"eval_{name}.toml")
+        recipe = evaluation.read_recipe(ROOT / "recipes" / f"eval_{name}.toml")
         assert recipe["datasets"] == [dataset] and recipe["methods"][0].name == "superglobal"
-        assert f"{name}: python -m locore_plugin.evaluate --recipe {{toxinidir}}/recipes/eval_{name}.toml {{posargs}}" in tox
+        assert f"{name}: python -m locore_plugin.evaluation --recipe {{toxinidir}}/recipes/eval_{name}.toml {{posargs}}" in tox
     assert "passenv" in tox and all(v in tox for v in ("LOCORE_DATA", "CUDA_VISIBLE_DEVICES", "HF_HOME"))
 
 
 def test_the_tox_entry_fails_cleanly_without_locore_data(monkeypatch, capsys):
     monkeypatch.delenv("LOCORE_DATA", raising=False)
-    assert evaluate.main(["--recipe", str(ROOT / "recipes" / "eval_roxf.toml")]) == 2
+    assert evaluation.main(["--recipe", str(ROOT / "recipes" / "eval_roxf.toml")]) == 2
     err = capsys.readouterr().err
     assert "no data root" in err and "LOCORE_DATA" in err and "Traceback" not in err
 
@@ -161,7 +163,7 @@ def test_the_tox_entry_fails_cleanly_without_locore_data(monkeypatch, capsys):
 def test_a_missing_file_is_named_with_where_to_get_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("LOCORE_DATA", str(tmp_path))
     (tmp_path / "roxford5k").mkdir()
-    assert evaluate.main(["--recipe", str(ROOT / "recipes" / "eval_roxf.toml"), "--out", str(tmp_path / "out")]) == 2
+    assert evaluation.main(["--recipe", str(ROOT / "recipes" / "eval_roxf.toml"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "gnd_roxford5k.pkl" in err and "http" in err
 
@@ -197,14 +199,14 @@ def test_cli_demo_prints_the_table(tmp_path, capsys):
 
 
 def test_unknown_reranker_is_a_clean_error(data_root, tmp_path, capsys):
-    assert evaluate.main(["--data-root", str(data_root), "--dataset", "synthetic", "--desc", "synth",
+    assert evaluation.main(["--data-root", str(data_root), "--dataset", "synthetic", "--desc", "synth",
                           "--reranker", "superglobl", "--out", str(tmp_path)]) == 2
     assert "Did you mean: superglobal" in capsys.readouterr().err
 
 
 def test_plus_1m_appends_the_distractors_and_can_only_lower_the_global_map(data_root, tmp_path):
     from locore_plugin import ImageFeatures
-    from locore_plugin.descriptors import write_descriptors
+    from locore_plugin.io.descriptors import write_descriptors
 
     cfg = synthetic.SIZES["tiny"]
     rng = np.random.default_rng(0)
@@ -212,8 +214,8 @@ def test_plus_1m_appends_the_distractors_and_can_only_lower_the_global_map(data_
     distractors = [ImageFeatures(global_desc=unit(rng.normal(size=cfg.global_dim)), local=unit(rng.normal(size=(4, cfg.local_dim))),
                                  xy=np.zeros((4, 2)), scale=np.zeros(4), weight=np.ones(4)) for _ in range(40)]
     write_descriptors(data_root / "revisitop1m", "synth", None, distractors, topk=cfg.topk)
-    base = evaluate.run(_config(data_root, tmp_path / "a", methods=()), log=lambda *a: None)
-    plus = evaluate.run(EvalConfig(datasets=["synthetic+1m"], methods=[], data_root=str(data_root), out=str(tmp_path / "b"),
+    base = evaluation.run(_config(data_root, tmp_path / "a", methods=()), log=lambda *a: None)
+    plus = evaluation.run(EvalConfig(datasets=["synthetic+1m"], methods=[], data_root=str(data_root), out=str(tmp_path / "b"),
                                    desc="synth", plots=False), log=lambda *a: None)
     for p in ("medium", "hard", "hard*"):
         a, b = base["results"]["global"]["synthetic"][p]["aps"], plus["results"]["global"]["synthetic+1m"][p]["aps"]
@@ -223,9 +225,9 @@ def test_plus_1m_appends_the_distractors_and_can_only_lower_the_global_map(data_
 
 def test_eval_refuses_learned_rerankers_without_chosen_weights(data_root, tmp_path):
     for spec in (MethodSpec("locore-tiny"), MethodSpec("superglobal+locore-tiny", stage_options={"superglobal": {"K": 3}})):
-        with pytest.raises(evaluate.EvaluationError, match="locore-tiny is a learned re-ranker.*--checkpoint"):
-            evaluate.run(_config(data_root, tmp_path, methods=[spec]), log=lambda *a: None)
+        with pytest.raises(evaluation.EvaluationError, match="locore-tiny is a learned re-ranker.*--checkpoint"):
+            evaluation.run(_config(data_root, tmp_path, methods=[spec]), log=lambda *a: None)
     # a checkpoint, or random weights asked for on purpose, is the user's choice
     chosen = MethodSpec("superglobal+locore-tiny", stage_options={"locore-tiny": {"pretrained": False}})
-    assert evaluate._weights_chosen(chosen) == ["locore-tiny="]
-    assert evaluate._weights_chosen(MethodSpec("locore-tiny", options={"checkpoint": "x"})) == ["locore-tiny="]
+    assert _weights_chosen(chosen) == ["locore-tiny="]
+    assert _weights_chosen(MethodSpec("locore-tiny", options={"checkpoint": "x"})) == ["locore-tiny="]

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 # revisitop's E/M/H ground-truth splits: (ok keys, junk keys). The evaluation protocols built on
-# them (Medium, Hard, Hard*: which images take part in re-ranking) are locore_plugin.protocols.
+# them (Medium, Hard, Hard*: which images take part in re-ranking) are locore_plugin.evaluation.protocols.
 GND_SPLITS = {
     "easy": (("easy",), ("junk", "hard")),
     "medium": (("easy", "hard"), ("junk",)),

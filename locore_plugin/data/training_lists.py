@@ -32,10 +32,10 @@ from typing import Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .atomic import atomic_write
-from .descriptors import DescriptorSet, build_shortlist, read_nn, write_descriptors, write_nn
-from .features import ImageFeatures
-from .options import merge_renamed, renamed_options
+from locore_plugin.features import ImageFeatures
+from locore_plugin.io.atomic import atomic_write
+from locore_plugin.io.descriptors import DescriptorSet, build_shortlist, read_nn, write_descriptors, write_nn
+from locore_plugin.options import merge_renamed, renamed_options
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +74,7 @@ class TrainingLists(Dataset):
     """Lists of (query, first ``list_length`` global neighbours, same-landmark labels), one per image.
 
     ``features`` is an indexable collection of :class:`ImageFeatures`, or anything with a
-    ``features(indices)`` method such as :class:`~locore_plugin.descriptors.DescriptorSet`;
+    ``features(indices)`` method such as :class:`~locore_plugin.io.descriptors.DescriptorSet`;
     ``neighbours`` (N, >= list_length) holds each image's global neighbours, best first (the image
     itself is skipped wherever it appears); ``labels`` (N,) the landmark ids (negative = a
     distractor, never a query). ``min_positives`` keeps only queries with at least that many
@@ -282,7 +282,7 @@ def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str
     instances are not recorded in the ground truth, so they serve only as negatives. Train on
     seeds other than the held-out benchmark's: different seeds draw different instances.
     """
-    from .synthetic import generate, image_features
+    from locore_plugin.data.synthetic import generate, image_features
 
     directory = Path(directory)
     paths = {k: str(directory / v) for k, v in SYNTHETIC_FILES.items()}

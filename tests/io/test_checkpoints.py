@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from locore_plugin.checkpoints import StateDictMismatchError, load_strict, read_checkpoint, read_state_dict, save_pretrained_folder
+from locore_plugin.io.checkpoints import StateDictMismatchError, load_strict, read_checkpoint, read_state_dict, save_pretrained_folder
 
 
 def tiny():

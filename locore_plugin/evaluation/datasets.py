@@ -1,0 +1,168 @@
+"""What an evaluation runs on: its configuration (methods x datasets x protocols), the datasets
+in the official revisited layout, and the global ranking every re-ranker starts from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from locore_plugin.evaluation.protocols import check_junk_mode, parse_protocols
+from locore_plugin.progress import progress
+
+GLOBAL_ROW = "global"
+KAPPAS = (1, 5, 10)
+SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "roxford5k+1m": "ROxf+1M", "rparis6k+1m": "RPar+1M",
+               "synthetic": "Synth"}
+
+
+class EvaluationError(RuntimeError):
+    """A problem the user must fix (missing data, bad option): printed without a traceback."""
+
+
+@dataclass
+class MethodSpec:
+    """One table row: a registered name (or chain) with its factory options.
+
+    ``options`` go to every stage; ``stage_options`` ({stage: {...}}) to one stage of a chain.
+    ``label`` names the row (default: ``name``), so one method can appear with two checkpoints.
+    """
+
+    name: str
+    options: dict = field(default_factory=dict)
+    stage_options: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def row(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class EvalConfig:
+    datasets: list
+    methods: list  # MethodSpec; the global-only row is always added first
+    data_root: Optional[str] = None  # default: $LOCORE_DATA
+    out: str = "eval_results"
+    protocols: list = field(default_factory=lambda: ["medium", "hard", "hard*"])
+    junk: str = "remove"
+    top_k: int = 100
+    metric: str = "standard"  # or "truncated" (AMES/LoCoRE top-K variant, on the first `depth` items)
+    depth: Optional[int] = None  # list length for metric="truncated" (default: the nn file's K, else 1600)
+    desc: str = "dinov2"
+    nn: Optional[str] = None  # nn_{nn}.pkl shortlist; None: exact global ranking
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    batch_size: Optional[int] = None
+    plots: bool = True
+
+    def validate(self) -> None:
+        if not self.datasets:
+            raise EvaluationError("no dataset given")
+        check_junk_mode(self.junk)
+        parse_protocols(self.protocols)
+        if self.metric not in ("standard", "truncated"):
+            raise EvaluationError(f"metric must be 'standard' or 'truncated', got {self.metric!r}")
+        if self.top_k < 1:
+            raise EvaluationError(f"top_k must be >= 1, got {self.top_k}")
+        rows = [m.row for m in self.methods]
+        if GLOBAL_ROW in rows or len(set(rows)) != len(rows):
+            raise EvaluationError(f"method rows must be unique and not {GLOBAL_ROW!r}: {rows}")
+
+
+def resolve_data_root(data_root: Optional[str]) -> Path:
+    """The dataset root: the argument, else ``$LOCORE_DATA``; a clear error when neither is set."""
+    from locore_plugin.io.descriptors import data_root as find_root
+
+    try:
+        return find_root(data_root or None)
+    except FileNotFoundError as error:
+        raise EvaluationError(f"{error} (set the LOCORE_DATA environment variable or pass --data-root)") from None
+
+
+@dataclass
+class EvalData:
+    """What the runner needs of one dataset.
+
+    ``gnd``: the pickle's per-query list (``easy``/``hard``/``junk``); ``queries``: one
+    ImageFeatures per query; ``gallery(ids)``: the ImageFeatures of gallery images ``ids``, read
+    lazily; ``ranking`` [nq, n]: the global ranking (full gallery, or the top-K shortlist for the
+    truncated metric) and ``scores`` [nq, n] the global similarities aligned with it, which the
+    re-rankers receive.
+    """
+
+    name: str
+    gnd: list
+    queries: list
+    gallery: object
+    ranking: np.ndarray
+    scores: np.ndarray
+
+
+def global_similarities(query_global, gallery_global) -> np.ndarray:
+    """Exact inner products [nq, N]; ``gallery_global`` is an [N, D] array or a DescriptorSet
+    (read batch by batch, never whole)."""
+    q = np.asarray(query_global, dtype=np.float32)
+    if hasattr(gallery_global, "global_batches"):
+        n, batches = len(gallery_global), gallery_global.global_batches()
+    else:
+        gallery_global = np.asarray(gallery_global, np.float32)
+        n, batches = len(gallery_global), [(0, gallery_global)]
+    sims = np.empty((len(q), n), np.float32)
+    with progress(total=n, desc="global similarities", unit="img", leave=False, disable=n < 100_000) as bar:
+        for start, block in batches:
+            if block.shape[1] != q.shape[1]:
+                raise EvaluationError(f"gallery global dimension {block.shape[1]} != query global dimension {q.shape[1]}")
+            sims[:, start : start + len(block)] = q @ block.T
+            bar.update(len(block))
+    return sims
+
+
+def full_ranking(sims: np.ndarray, nn: Optional[tuple[np.ndarray, np.ndarray]] = None):
+    """Rankings of the whole gallery [nq, N] and the global scores aligned with them.
+
+    Without ``nn`` the gallery is sorted by ``sims``. With a published shortlist ``nn = (scores
+    [nq, K], indices [nq, K])`` its K images come first, in its order and with its scores (what
+    the official code gives the re-rankers), and the rest follow by ``sims``.
+    """
+    order = np.argsort(-sims, axis=1, kind="stable").astype(np.int32 if sims.shape[1] < 2**31 else np.int64)
+    if nn is None:
+        return order, np.take_along_axis(sims, order, 1)
+    nn_scores, nn_idx = np.asarray(nn[0], np.float32), np.asarray(nn[1], np.int64)
+    ranking = np.empty_like(order)
+    scores = np.empty_like(sims)
+    k = nn_idx.shape[1]
+    for q in range(len(order)):
+        listed = np.zeros(sims.shape[1], bool)
+        listed[nn_idx[q]] = True
+        ranking[q, :k], scores[q, :k] = nn_idx[q], nn_scores[q]
+        ranking[q, k:] = order[q][~listed[order[q]]]
+        scores[q, k:] = sims[q, ranking[q, k:]]
+    return ranking, scores
+
+
+def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Optional[str] = None,
+                 depth: Optional[int] = None, cache_dir=None, num_locals: Optional[int] = None) -> EvalData:
+    """Open ``{root}/{dataset}`` (``name+1m`` adds the revisitop1m distractors) in the official layout.
+
+    ``metric="standard"`` ranks the whole gallery (exact inner products; a published ``nn_{nn}.pkl``
+    shortlist, if named, comes first); ``"truncated"`` uses the top-``depth`` shortlist itself
+    (``nn_{nn}.pkl``, or exact faiss search, cached), as the AMES/LoCoRE code does.
+    """
+    from locore_plugin.io.descriptors import open_revisited
+
+    base, plus1m = (dataset[: -len("+1m")], True) if dataset.endswith("+1m") else (dataset, False)
+    try:
+        data = open_revisited(base, desc, root, plus1m=plus1m, num_locals=num_locals)
+    except FileNotFoundError as error:
+        raise EvaluationError(str(error)) from None
+    if metric == "truncated":
+        nn_scores, nn_idx = data.shortlist(depth, nn, cache_dir=cache_dir)
+        ranking, scores = nn_idx, nn_scores
+    else:
+        sims = global_similarities(data.queries.globals(np.arange(len(data.queries))), data.gallery)
+        ranking, scores = full_ranking(sims, data.shortlist(nn=nn) if nn else None)
+    return EvalData(
+        dataset, data.gnd, data.queries.features(np.arange(len(data.queries))), data.gallery.features, ranking, scores
+    )

@@ -1,0 +1,185 @@
+"""The evaluation runner: every (method, dataset) result is cached as one JSON file, written
+atomically and keyed by everything that changes it, so an interrupted run resumes where it
+stopped and a finished one re-prints its table at once."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from locore_plugin.evaluation.protocols import parse_protocols
+from locore_plugin.io.atomic import atomic_write, set_aside
+from locore_plugin.progress import progress
+
+from .datasets import GLOBAL_ROW, KAPPAS, EvalConfig, EvaluationError, MethodSpec, load_dataset, resolve_data_root
+from .report import _slug, write_outputs
+from .scoring import DatasetEvaluation
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _path_stamp(value):
+    """Options that name existing files or folders (checkpoints) enter the cache key with their
+    sizes and modification times, so a retrained checkpoint is re-evaluated."""
+    if isinstance(value, dict):
+        return {k: _path_stamp(v) for k, v in sorted(value.items())}
+    if isinstance(value, str) and value and os.path.exists(value):
+        path = Path(value)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return [value, [(str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+    return value
+
+
+def dataset_fingerprint(root: Path, dataset: str, desc: str) -> str:
+    """Sizes and modification times of the dataset's files: a changed file means a new cache entry."""
+    base = dataset[: -len("+1m")] if dataset.endswith("+1m") else dataset
+    files = [p for p in (root / base).glob("*") if p.is_file() and not p.name.startswith(".")]
+    if dataset.endswith("+1m"):
+        files += [p for p in (root / "revisitop1m").glob(f"{desc}_*") if p.is_file()]
+        files += [p for p in (root / dataset).glob("nn_*.pkl") if p.is_file()]
+    stamp = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(files)]
+    return hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]
+
+
+class ResultCache:
+    """One JSON file per (method, dataset, settings): written atomically, read back on resume."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.folder / _slug(key["dataset"]) / f"{_slug(key['row'])}-{digest}.json"
+
+    def get(self, key: dict) -> Optional[dict]:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+            return entry["scores"] if entry.get("key") == _jsonable(key) else None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # truncated or foreign JSON
+            set_aside(path, error)
+            return None
+
+    def put(self, key: dict, scores: dict) -> None:
+        atomic_write(self.path(key), json.dumps({"key": key, "scores": scores}))
+
+
+def _settings(config: EvalConfig) -> dict:
+    return {
+        "protocols": [p.name for p in parse_protocols(config.protocols)], "junk": config.junk,
+        "top_k": config.top_k, "metric": config.metric, "depth": config.depth, "desc": config.desc,
+        "nn": config.nn, "kappas": list(KAPPAS),
+    }
+
+
+def run(config: EvalConfig, log=print) -> dict:
+    """Evaluate every method on every dataset (cached), write the tables and plots, return the results.
+
+    Returns ``{"settings": ..., "results": {row: {dataset: {protocol: {mAP, mP@k, aps}}}}}``.
+    """
+    from locore_plugin.registry import create_reranker, is_reranker_name
+
+    config.validate()
+    for m in config.methods:
+        if not is_reranker_name(m.name):
+            _create(create_reranker, m, {})  # raises before any work, naming close matches
+        reason = untrained_reason(m.name, _weights_chosen(m))
+        if reason is not None:  # never report random weights as if they were a method's numbers
+            raise EvaluationError(f"{m.row}: {reason}; pass --checkpoint NAME=PATH (or --option "
+                                  "NAME.pretrained=false to measure random weights on purpose)")
+    root = resolve_data_root(config.data_root)
+    out = Path(config.out)
+    cache = ResultCache(out / "cache")
+    settings = _settings(config)
+    rows = [MethodSpec(GLOBAL_ROW)] + list(config.methods)
+    common = {k: v for k, v in (("device", config.device), ("dtype", config.dtype), ("batch_size", config.batch_size))
+              if v is not None}
+    built: dict[str, object] = {}
+    results: dict[str, dict] = {m.row: {} for m in rows}
+    fresh: set[tuple[str, str]] = set()  # (row, dataset) computed in this run
+    for dataset in config.datasets:
+        fingerprint = dataset_fingerprint(root, dataset, config.desc)
+        keys = {
+            m.row: _jsonable({
+                "row": m.row, "method": m.name, "options": _path_stamp(m.options),
+                "stage_options": _path_stamp(m.stage_options), "common": common if m.name != GLOBAL_ROW else {},
+                "dataset": dataset, "fingerprint": fingerprint,
+                **{k: v for k, v in settings.items() if m.name != GLOBAL_ROW or k != "top_k"},  # nothing re-ranked
+            })
+            for m in rows
+        }
+        todo = []
+        for m in rows:
+            cached = cache.get(keys[m.row])
+            if cached is not None:
+                results[m.row][dataset] = cached
+            else:
+                todo.append(m)
+        if not todo:
+            log(f"{dataset}: every row cached")
+            continue
+        log(f"{dataset}: loading (rows to compute: {', '.join(m.row for m in todo)})")
+        data = load_dataset(root, dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache")
+        evaluation = DatasetEvaluation(data, config.protocols, config.junk, config.metric)
+        for m in progress(todo, desc=dataset, unit="method"):
+            if m.name == GLOBAL_ROW:
+                scores = evaluation.run(None)
+            else:
+                if m.row not in built:
+                    built[m.row] = _create(create_reranker, m, common)
+                scores = evaluation.run(built[m.row], config.top_k, config.batch_size or 8, m.row)
+            cache.put(keys[m.row], scores)
+            results[m.row][dataset] = scores
+            fresh.add((m.row, dataset))
+    report = {"settings": {**settings, "datasets": list(config.datasets)}, "results": results}
+    write_outputs(report, out, plots=config.plots, fresh=fresh)
+    return report
+
+
+def _create(create_reranker, spec: MethodSpec, common: dict):
+    try:
+        if spec.stage_options:
+            return create_reranker(spec.name, stage_options=spec.stage_options, **common, **spec.options)
+        return create_reranker(spec.name, **common, **spec.options)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
+        raise EvaluationError(f"cannot build re-ranker {spec.row!r} ({spec.name}): {error}") from error
+
+
+def _weights_chosen(spec: MethodSpec) -> list[str]:
+    """``NAME=`` for each stage whose weights the user chose: a checkpoint, or ``pretrained=False`` on purpose."""
+    chosen = []
+    for part in spec.name.split("+"):
+        options = {**spec.options, **spec.stage_options.get(part, {})}
+        if options.get("checkpoint") is not None or options.get("pretrained") is False:
+            chosen.append(f"{part}=")
+    return chosen
+
+
+def untrained_reason(name: str, checkpoints: Sequence[str] = ()) -> Optional[str]:
+    """Why a registered name (or chain) cannot be reported without trained weights, or None.
+
+    A stage is learned when it registers ``learned=True`` (the registry metadata every learned
+    adapter declares) or, for a plugin that does not say, when it builds a
+    :class:`~locore_plugin.interface.TrainableReranker` (with ``pretrained=False``, which every
+    factory accepts); it counts as trained only when ``checkpoints`` (``NAME=PATH``) names it.
+    """
+    from locore_plugin.interface import TrainableReranker
+    from locore_plugin.registry import create_reranker, registered_rerankers
+
+    entries = registered_rerankers()
+    given = {c.partition("=")[0] for c in checkpoints}
+    for part in name.split("+"):
+        if part in given:
+            continue
+        learned = entries[part].metadata.learned
+        if learned is None:
+            learned = isinstance(create_reranker(part, pretrained=False), TrainableReranker)
+        if learned:
+            return f"{part} is a learned re-ranker and no trained checkpoint was given"
+    return None

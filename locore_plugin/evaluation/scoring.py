@@ -1,0 +1,74 @@
+"""Re-ranking the head of each global ranking and scoring it per protocol (the Medium / Hard /
+Hard* rules of :mod:`locore_plugin.evaluation.protocols`, revisitop's ``compute_map``)."""
+from __future__ import annotations
+
+import numpy as np
+
+from locore_plugin.evaluation.metrics import compute_map
+from locore_plugin.evaluation.protocols import Protocol, parse_protocols, prepare_ranking
+from locore_plugin.progress import progress
+
+from .datasets import KAPPAS, EvalData, EvaluationError
+
+
+def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, batch_size: int = 8, desc: str = ""):
+    """Let ``reranker`` re-order the first ``min(top_k, kept[q])`` images of each ranking row.
+
+    ``gallery(ids)`` returns the ImageFeatures of gallery images ``ids``; ``scores`` (aligned
+    with ``ranking``) are the global scores handed to the re-ranker. Returns a new ranking.
+    """
+    out = ranking.copy()
+    nq = len(queries)
+    with progress(total=nq, desc=desc or "re-ranking", unit="query", leave=False) as bar:
+        for start in range(0, nq, batch_size):
+            batch = range(start, min(start + batch_size, nq))
+            depth = [min(top_k, int(kept[q])) for q in batch]
+            ids = [ranking[q, :d] for q, d in zip(batch, depth)]
+            results = reranker.rerank_many(
+                [queries[q] for q in batch], [gallery(i) for i in ids], [scores[q, :d] for q, d in zip(batch, depth)]
+            )
+            for q, i, result in zip(batch, ids, results):
+                order = np.asarray(result.order)
+                if not np.array_equal(np.sort(order), np.arange(len(i))):
+                    raise EvaluationError(f"{reranker!r} returned an order that is not a permutation of the shortlist")
+                out[q, : len(i)] = i[order]
+            bar.update(len(batch))
+    return out
+
+
+def score_ranking(ranking: np.ndarray, gnd, protocol: Protocol, metric: str = "standard", kappas=KAPPAS) -> dict:
+    """mAP, mP@k and per-query AP of rankings [nq, n] under ``protocol`` (fractions, not x100)."""
+    mean_ap, aps, mpr, _ = compute_map(ranking.T, protocol.scoring_gnd(gnd), kappas, truncated=metric == "truncated")
+    return {"mAP": float(mean_ap), "mP@k": [float(v) for v in mpr], "aps": [None if np.isnan(a) else float(a) for a in aps]}
+
+
+class DatasetEvaluation:
+    """One dataset under a set of protocols: shortlists prepared once, any re-ranker scored on them.
+
+    Protocols whose shortlist rule is the same (Medium and Hard always are) share one re-ranking.
+    """
+
+    def __init__(self, data: EvalData, protocols, junk: str, metric: str = "standard", kappas=KAPPAS):
+        self.data, self.metric, self.kappas = data, metric, kappas
+        self.groups = []  # (protocols, ranking, aligned scores, images per query that may be shortlisted)
+        by_rule: dict[tuple, list[Protocol]] = {}
+        for p in parse_protocols(protocols):
+            by_rule.setdefault(p.removed_keys(junk), []).append(p)
+        for members in by_rule.values():
+            order, kept = prepare_ranking(data.ranking, data.gnd, members[0], junk)
+            self.groups.append((
+                members, np.take_along_axis(data.ranking, order, 1), np.take_along_axis(data.scores, order, 1), kept,
+            ))
+
+    def run(self, reranker=None, top_k: int = 100, batch_size: int = 8, label: str = "") -> dict:
+        """``{protocol name: score_ranking(...)}`` for ``reranker`` (None = the global ranking)."""
+        label = label or getattr(reranker, "name", "") or type(reranker).__name__
+        out = {}
+        for members, ranking, scores, kept in self.groups:
+            final = ranking if reranker is None else rerank_top(
+                reranker, self.data.queries, self.data.gallery, ranking, scores, kept, top_k, batch_size,
+                desc=f"{label} on {self.data.name} ({'/'.join(p.label for p in members)})",
+            )
+            for p in members:
+                out[p.name] = score_ranking(final, self.data.gnd, p, self.metric, self.kappas)
+        return out
