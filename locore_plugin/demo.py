@@ -7,26 +7,26 @@ evaluation and training, which never import it.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Optional, Sequence
 
 from locore_plugin.data import synthetic
 from locore_plugin.evaluation import EvalConfig, MethodSpec, apply_options, checkpoint_option, format_table, guarded, run, untrained_reason
-from locore_plugin.registry import list_rerankers
+from locore_plugin.registry import create_reranker, list_rerankers
 from locore_plugin.training import load_config
 from locore_plugin.training import train as train_run
 
-# The CPU smoke recipes (in ``recipes/``, installed as ``locore_plugin.recipes``) that ``demo``
-# trains, so that learned re-rankers take part with weights that mean something.
-# Each with the options that rank by the method's own score alone (a second row; none when that is
-# already the method's default ranking), so that the table shows what each method learned.
-DEMO_TRAINING = (
-    ("train_cpu_smoke.toml", {"fusion": None}),
-    ("train_cpu_smoke_ames.toml", {"fusion": None}),
-    ("train_cpu_smoke_r2former.toml", {}),
-    ("train_cpu_smoke_elvis.toml", {"fusion": None}),
-)
+# The demo trains every CPU smoke recipe (``recipes/train_cpu_smoke*.toml``, installed as
+# ``locore_plugin.recipes``), so that learned re-rankers take part with weights that mean something;
+# a new method takes part by adding its recipe, with no change here.
+DEMO_RECIPES = "train_cpu_smoke*.toml"
+
+
+def demo_recipes() -> list[str]:
+    """The file names of the demo's training recipes, sorted."""
+    return sorted(p.name for p in files("locore_plugin.recipes").iterdir() if fnmatch.fnmatch(p.name, DEMO_RECIPES))
 
 
 def train_demo_rerankers(out, log=print) -> list[MethodSpec]:
@@ -40,7 +40,7 @@ def train_demo_rerankers(out, log=print) -> list[MethodSpec]:
     """
     out = Path(out)
     methods = []
-    for recipe, own_score in DEMO_TRAINING:
+    for recipe in demo_recipes():
         stem = recipe.removesuffix(".toml")
         with as_file(files("locore_plugin.recipes") / recipe) as path:
             config = load_config(path)
@@ -57,8 +57,10 @@ def train_demo_rerankers(out, log=print) -> list[MethodSpec]:
         options = {k: v for k, v in config.reranker_options.items() if k != "config"}
         options["checkpoint"] = str(final)
         methods.append(MethodSpec(config.reranker, options=options, label=f"{config.reranker} (trained: {stem})"))
-        if own_score:
-            methods.append(MethodSpec(config.reranker, options={**options, **own_score},
+        # A second row ranks by the method's own score alone (``fusion=None``, the shared
+        # vocabulary), unless that already is its ranking, so that the table shows what it learned.
+        if create_reranker(config.reranker, **options).fusion is not None:
+            methods.append(MethodSpec(config.reranker, options={**options, "fusion": None},
                                       label=f"{config.reranker} (trained: {stem}; own score alone)"))
     return methods
 
@@ -68,7 +70,7 @@ def demo(out="locore-demo", size: str = "small", seed: int = 0, rerankers: Optio
     """The built-in benchmark: write the synthetic dataset under ``{out}/data`` and compare the
     re-rankers on it (every registered training-free one by default). A learned re-ranker runs
     only with trained weights: a ``NAME=PATH`` checkpoint, or (``train``, the default) the brief
-    CPU training of ``DEMO_TRAINING``; random weights would say nothing."""
+    CPU training of the recipes ``demo_recipes()`` finds; random weights would say nothing."""
     out = Path(out)
     synthetic.write(out / "data", seed, size)
     names = list(rerankers) if rerankers else [e.name for e in list_rerankers()]

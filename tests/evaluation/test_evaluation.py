@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from locore_plugin import demo, evaluation
+from locore_plugin import evaluation
 from locore_plugin.data import synthetic
 from locore_plugin.evaluation import EvalConfig, MethodSpec, full_ranking, runner
 from locore_plugin.evaluation.metrics import compute_map, revisited_gnd
@@ -177,25 +177,6 @@ def test_cli_eval_prints_the_table(data_root, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "| Method | Synth Medium | Synth Hard |" in out and "junk: keep" in out
-
-
-def test_demo_runs_training_free_rerankers_and_leaves_out_untrained_ones(tmp_path):
-    lines = []
-    report = demo.demo(tmp_path, size="tiny", rerankers=["superglobal", "locore-tiny", "superglobal+locore-tiny"],
-                           log=lines.append)
-    assert list(report["results"]) == ["global", "superglobal"]
-    left = [line for line in lines if line.startswith("left out")]
-    assert left == ["left out 2 learned re-ranker(s) without trained weights (locore-tiny, superglobal+locore-tiny): "
-                    "random weights would say nothing; --checkpoint NAME=PATH adds one"]
-    assert (tmp_path / "results" / "results.md").is_file() and (tmp_path / "data" / "synthetic" / "synthetic.json").is_file()
-
-
-def test_cli_demo_prints_the_table(tmp_path, capsys):
-    from locore_plugin.cli import main
-
-    assert main(["demo", "--out", str(tmp_path), "--size", "tiny", "--reranker", "superglobal"]) == 0
-    out = capsys.readouterr().out
-    assert "Built-in synthetic benchmark (tiny, seed 0)" in out and "| superglobal |" in out
 
 
 def test_unknown_reranker_is_a_clean_error(data_root, tmp_path, capsys):
