@@ -1,0 +1,68 @@
+"""The feature cache: features by (image content, bbox), the most recent in memory and all of them
+on disk when asked, so repeated queries are not extracted again."""
+from __future__ import annotations
+
+import io
+import zipfile
+from collections import OrderedDict
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from locore_plugin.features import ImageFeatures
+from locore_plugin.io.atomic import atomic_write, set_aside
+
+
+class FeatureCache:
+    """Features by (image content, bbox): the ``size`` most recently used in memory, and all of
+    them in ``directory`` (one ``.npz`` per image) when it is given."""
+
+    def __init__(self, size: int = 1024, directory: Union[str, Path, None] = None):
+        if size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {size}")
+        self.size = int(size)
+        self.directory = None if directory is None else Path(directory)
+        self._memory: OrderedDict[tuple, ImageFeatures] = OrderedDict()
+
+    def get(self, identity: str, key: tuple) -> Optional[ImageFeatures]:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        path = self._path(identity, key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path) as stored:
+                features = ImageFeatures(**{name: stored[name] for name in stored.files})
+        except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as error:
+            set_aside(path, error)
+            return None
+        self._remember(key, features)
+        return features
+
+    def put(self, identity: str, key: tuple, features: ImageFeatures) -> None:
+        self._remember(key, features)
+        path = self._path(identity, key)
+        if path is None:
+            return
+        arrays = {f.name: getattr(features, f.name) for f in fields(features) if getattr(features, f.name) is not None}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write(path, buffer.getvalue())  # a crash never leaves a truncated entry
+
+    def _remember(self, key, features) -> None:
+        if self.size == 0:
+            return
+        self._memory[key] = features
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.size:
+            self._memory.popitem(last=False)
+
+    def _path(self, identity: str, key: tuple) -> Optional[Path]:
+        if self.directory is None:
+            return None
+        content, bbox = key
+        suffix = "" if bbox is None else "_" + "_".join(str(v) for v in bbox)
+        return self.directory / identity / f"{content}{suffix}.npz"
