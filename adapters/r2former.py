@@ -81,11 +81,15 @@ class R2FormerConfig:
         return cls(**data)
 
 
+# The registered variants as data (architecture keywords, as every adapter writes them); unset
+# fields take R2FormerConfig's defaults, the official values.
 CONFIGS = {
     # the released model: DeiT-S locals through a 128-d local head, 256-d global
-    "r2former": R2FormerConfig(),
+    "r2former": dict(hidden=32, depth=6, pair_depth=2, heads=4, mlp_ratio=4.0, local_dim=128, global_dim=256, num_corr=5,
+                     num_patches=1000),
     # the LoCoRE paper's R2Former*: 768 hidden on DINOv2 (ViT-B) locals; 12 heads (head dim 64) is our choice
-    "r2former-768": R2FormerConfig(hidden=768, heads=12, local_dim=768, global_dim=768),
+    "r2former-768": dict(hidden=768, depth=6, pair_depth=2, heads=12, mlp_ratio=4.0, local_dim=768, global_dim=768,
+                         num_corr=5, num_patches=1000),
 }
 
 
@@ -414,7 +418,7 @@ def build_module(name: str, checkpoint=None, config: Optional[dict] = None, pret
     """The model of a registered variant: its config, then the checkpoint's saved config or the
     sizes its tensors determine, then ``config`` overrides (ours or the official keyword names)."""
     settings, state = architecture(
-        name, CONFIGS[name].to_dict(), checkpoint, pretrained, config, "bytedance/R2Former",
+        name, R2FormerConfig(**CONFIGS[name]).to_dict(), checkpoint, pretrained, config, "bytedance/R2Former",
         sizes_from_state=sizes_from_state, official_names=OFFICIAL_NAMES, fixed=FIXED_OFFICIAL,
         ignored=IGNORED_OFFICIAL, read=read_r2former_checkpoint,
     )

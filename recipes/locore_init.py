@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 
 from locore_plugin.adapters.locore import (
+    CONFIGS,
     INIT_RECIPES,
     MAX_POSITIONS,
     POSITION_METHODS,
-    VARIANTS,
     init_from_language_model,
     save_checkpoint,
 )
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     model = init_from_language_model(args.source, args.variant, positions=args.positions, num_layers=args.num_layers,
                                      seed=args.seed, **overrides)
     save_checkpoint(model, args.out, args.variant)
-    table = VARIANTS[args.variant]
+    table = CONFIGS[args.variant]
     arch = {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")}
     note = "" if all(arch[k] == table[k] for k in arch) else f" (Table A {args.variant}: {table})"
     print(f"{args.variant}: {sum(p.numel() for p in model.parameters()):,} parameters, {arch}{note} -> {args.out}")

@@ -19,14 +19,14 @@ import functools
 from locore_plugin.hookspecs import hookimpl
 
 from .attention import FAST, REFERENCE
-from .configuration import MAX_POSITIONS, VARIANTS, LocoreConfig
+from .configuration import CONFIGS, MAX_POSITIONS, LocoreConfig
 from .initialisation import INIT_RECIPES, POSITION_METHODS, extend_positions, init_from_language_model
 from .modeling import ATTENTION_IMPLEMENTATIONS, REDUCTIONS, LocoreModel, parameter_count, reduce_scores, token_labels
 from .reranker import LocoreReranker
 from .weights import save_checkpoint
 
 __all__ = [
-    "ATTENTION_IMPLEMENTATIONS", "INIT_RECIPES", "MAX_POSITIONS", "POSITION_METHODS", "REDUCTIONS", "VARIANTS",
+    "ATTENTION_IMPLEMENTATIONS", "INIT_RECIPES", "MAX_POSITIONS", "POSITION_METHODS", "REDUCTIONS", "CONFIGS",
     "LocoreConfig", "LocoreModel", "LocoreReranker", "extend_positions", "init_from_language_model",
     "parameter_count", "reduce_scores", "save_checkpoint", "token_labels",
 ]
@@ -34,7 +34,7 @@ __all__ = [
 
 @hookimpl
 def register_rerankers(register):
-    for name, arch in VARIANTS.items():
+    for name, arch in CONFIGS.items():
         register(
             name,
             functools.partial(LocoreReranker, name),

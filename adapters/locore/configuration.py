@@ -9,7 +9,7 @@ from transformers import LongformerConfig
 
 # Supplementary Table A. Every variant has a 5,120-token context: RoBERTa-style position ids start
 # at padding_idx + 1 = 2, so the table has 5,122 rows.
-VARIANTS = {
+CONFIGS = {
     "locore-tiny": dict(num_hidden_layers=4, hidden_size=512, intermediate_size=2048, num_attention_heads=8, attention_window=1024),
     "locore-small": dict(num_hidden_layers=6, hidden_size=768, intermediate_size=3072, num_attention_heads=12, attention_window=512),
     "locore-base": dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, num_attention_heads=12, attention_window=512),
@@ -47,9 +47,9 @@ class LocoreConfig:
 
     @classmethod
     def variant(cls, name: str, **overrides) -> "LocoreConfig":
-        if name not in VARIANTS:
-            raise ValueError(f"unknown LoCoRE variant {name!r}; use one of {sorted(VARIANTS)}")
-        return cls(**{**VARIANTS[name], **overrides})
+        if name not in CONFIGS:
+            raise ValueError(f"unknown LoCoRE variant {name!r}; use one of {sorted(CONFIGS)}")
+        return cls(**{**CONFIGS[name], **overrides})
 
     @property
     def context(self) -> int:

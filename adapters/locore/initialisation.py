@@ -10,7 +10,7 @@ from torch import nn
 
 from locore_plugin.io.checkpoints import CONFIG_FILE, load_strict, read_state_dict
 
-from .configuration import _PAD_ID, _SEP_ID, VARIANTS, LocoreConfig
+from .configuration import _PAD_ID, _SEP_ID, CONFIGS, LocoreConfig
 from .modeling import LocoreModel
 
 # How each variant is initialised: from which kind of checkpoint, how positions grow to 5,120, how many layers.
@@ -75,7 +75,7 @@ def init_from_language_model(source, variant: str, positions: Optional[str] = No
     config = LocoreConfig(**{
         "hidden_size": hf["hidden_size"], "num_hidden_layers": layers, "num_attention_heads": hf["num_attention_heads"],
         "intermediate_size": hf["intermediate_size"], "layer_norm_eps": hf.get("layer_norm_eps", 1e-5),
-        "hidden_act": hf.get("hidden_act", "gelu"), "attention_window": VARIANTS[variant]["attention_window"],
+        "hidden_act": hf.get("hidden_act", "gelu"), "attention_window": CONFIGS[variant]["attention_window"],
         **overrides,
     })
     torch.manual_seed(seed)

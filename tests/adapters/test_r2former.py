@@ -227,8 +227,9 @@ def test_checkpoint_mismatch_names_the_keys(tmp_path):
 
 
 def test_registered_variants_and_config_as_data():
-    assert CONFIGS["r2former"] == R2FormerConfig(hidden=32, depth=6, pair_depth=2, heads=4, mlp_ratio=4.0,
-                                                 local_dim=128, global_dim=256, num_corr=5, num_patches=1000)
+    assert R2FormerConfig(**CONFIGS["r2former"]) == R2FormerConfig()  # the official defaults
+    assert CONFIGS["r2former"] == dict(hidden=32, depth=6, pair_depth=2, heads=4, mlp_ratio=4.0, local_dim=128, global_dim=256,
+                                       num_corr=5, num_patches=1000)
     wide = create_reranker("r2former-768", pretrained=False, config={"depth": 1, "pair_depth": 1})
     assert wide.module.pair_head.out_features == 768 and wide.local_dim == 768
     assert wide.module.blocks[0].attn.heads == 12
