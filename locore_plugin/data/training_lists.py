@@ -282,7 +282,7 @@ def write_synthetic_split(directory, seeds: Sequence[int] = (1, 2, 3), size: str
     instances are not recorded in the ground truth, so they serve only as negatives. Train on
     seeds other than the held-out benchmark's: different seeds draw different instances.
     """
-    from locore_plugin.data.synthetic import generate, image_features
+    from .synthetic import generate, image_features
 
     directory = Path(directory)
     paths = {k: str(directory / v) for k, v in SYNTHETIC_FILES.items()}

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from locore_plugin.evaluation.protocols import JUNK_MODES
 from locore_plugin.options import SYNTAX, parse_assignment, read_recipe_file
 
 from .datasets import EvalConfig, EvaluationError, MethodSpec
+from .protocols import JUNK_MODES
 from .report import format_table
 from .runner import run
 

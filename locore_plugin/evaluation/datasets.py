@@ -8,8 +8,9 @@ from typing import Optional
 
 import numpy as np
 
-from locore_plugin.evaluation.protocols import check_junk_mode, parse_protocols
 from locore_plugin.progress import progress
+
+from .protocols import check_junk_mode, parse_protocols
 
 GLOBAL_ROW = "global"
 KAPPAS = (1, 5, 10)

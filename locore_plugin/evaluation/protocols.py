@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from locore_plugin.evaluation.metrics import revisited_gnd
+from .metrics import revisited_gnd
 
 JUNK_MODES = ("keep", "remove")
 

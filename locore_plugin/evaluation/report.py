@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from locore_plugin.evaluation.protocols import get_protocol
 from locore_plugin.io.atomic import atomic_write
 
 from .datasets import GLOBAL_ROW, SHORT_NAMES
+from .protocols import get_protocol
 
 
 def _slug(text: str) -> str:

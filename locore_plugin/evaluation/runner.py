@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from locore_plugin.evaluation.protocols import parse_protocols
 from locore_plugin.io.atomic import atomic_write, set_aside
 from locore_plugin.progress import progress
 
 from .datasets import GLOBAL_ROW, KAPPAS, EvalConfig, EvaluationError, MethodSpec, load_dataset, resolve_data_root
+from .protocols import parse_protocols
 from .report import _slug, write_outputs
 from .scoring import DatasetEvaluation
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from locore_plugin.evaluation.metrics import compute_map
-from locore_plugin.evaluation.protocols import Protocol, parse_protocols, prepare_ranking
 from locore_plugin.progress import progress
 
 from .datasets import KAPPAS, EvalData, EvaluationError
+from .metrics import compute_map
+from .protocols import Protocol, parse_protocols, prepare_ranking
 
 
 def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, batch_size: int = 8, desc: str = ""):

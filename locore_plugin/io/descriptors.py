@@ -29,9 +29,10 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from locore_plugin.features import ImageFeatures, stack_locals
-from locore_plugin.io.atomic import atomic_write, set_aside
-from locore_plugin.io.pickles import OFFICIAL_DATA, read_pickle
 from locore_plugin.progress import progress
+
+from .atomic import atomic_write, set_aside
+from .pickles import OFFICIAL_DATA, read_pickle
 
 DATA_ENV = "LOCORE_DATA"
 DISTRACTORS = "revisitop1m"
