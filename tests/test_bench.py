@@ -93,3 +93,12 @@ def test_bf16_benchmark_probes_its_own_dtype_and_compares_with_float32():
     # same weights and input: bfloat16 moves the pair logits a little, not the top of the ranking wholesale
     assert precision["gallery"] == 12 and precision["top10_agreement"] >= 0.7
     assert 0 < precision["max_abs_output_diff"] < 0.5 * precision["max_abs_output"]
+
+
+def test_a_chain_is_timed_on_the_one_shortlist():
+    """A chain (a+b) is not a registry entry: no sliding setting of its own, and it still runs."""
+    from locore_plugin.bench import bench_reranker
+
+    (record,) = bench_reranker("superglobal+superglobal", gallery=3, sliding=6, warmup=0, runs=1)
+    assert (record.name, record.setting, record.params) == ("superglobal+superglobal", "top-3", 0)
+    assert record.flops > 0 and record.latency_ms_mean > 0
