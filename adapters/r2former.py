@@ -36,6 +36,7 @@ from locore_plugin.nn import (
     set_attention_implementation,
     xavier_init,
 )
+from locore_plugin.options import LocoreDeprecationWarning
 from locore_plugin.pairwise import PairwiseReranker, architecture, loaded
 
 
@@ -323,7 +324,7 @@ class R2FormerReranker(PairwiseReranker):
                  **kwargs):
         if fusion == "official":  # locore-plugin 0.1's name
             warnings.warn("r2former: fusion='official' is deprecated and will be removed in the next release; use "
-                          "fusion='default'", DeprecationWarning, stacklevel=3)
+                          "fusion='default'", LocoreDeprecationWarning, stacklevel=3)
             fusion = "default"
         if fusion == "default":
             fusion = (module.fusion_weight(), 1.0)

@@ -73,10 +73,16 @@ def read_recipe_file(path, overrides=(), what: str = "recipe") -> dict:
     return values
 
 
+class LocoreDeprecationWarning(FutureWarning):
+    """An option name or file layout of locore-plugin 0.1, still accepted for one release. A
+    ``FutureWarning``, so that users of the CLI and of notebooks see it (Python hides a plain
+    ``DeprecationWarning`` raised inside a library); filter it by this class."""
+
+
 def renamed_options(given: dict, renames: dict, owner: str) -> dict:
     """The options of ``given`` under today's names. ``renames`` maps an old name to its new name
     (or to a tuple of names it sets together, e.g. LoCoRE's ``num_locals`` to ``query_length`` and
-    ``gallery_length``). Old names are accepted for one release with a DeprecationWarning; an old
+    ``gallery_length``). Old names are accepted for one release with a :class:`LocoreDeprecationWarning`; an old
     and a new name for the same option together, or any other name, is a TypeError."""
     unknown = sorted(set(given) - set(renames))
     if unknown:
@@ -86,7 +92,7 @@ def renamed_options(given: dict, renames: dict, owner: str) -> dict:
         new = renames[old]
         targets = new if isinstance(new, tuple) else (new,)
         warnings.warn(f"{owner}: option {old!r} is deprecated and will be removed in the next release; "
-                      f"use {' and '.join(repr(t) for t in targets)}", DeprecationWarning, stacklevel=3)
+                      f"use {' and '.join(repr(t) for t in targets)}", LocoreDeprecationWarning, stacklevel=3)
         for target in targets:
             out[target] = value
     return out

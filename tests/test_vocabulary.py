@@ -1,10 +1,10 @@
 """The option names of locore-plugin 0.1, accepted for one release: each maps to today's name with
-a DeprecationWarning and builds the same re-ranker or extractor; both names at once is an error."""
+a LocoreDeprecationWarning (a FutureWarning, shown to users) and builds the same re-ranker or extractor; both names at once is an error."""
 import numpy as np
 import pytest
 
 from locore_plugin import create_extractor, create_reranker
-from locore_plugin.options import merge_renamed, renamed_options
+from locore_plugin.options import LocoreDeprecationWarning, merge_renamed, renamed_options
 
 SMALL_LOCORE = dict(pretrained=False, window=5, stride=2,
                     config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -12,7 +12,7 @@ SMALL_LOCORE = dict(pretrained=False, window=5, stride=2,
 
 
 def test_renamed_options_by_hand():
-    with pytest.warns(DeprecationWarning, match="'num_locals' is deprecated .* use 'query_length' and 'gallery_length'"):
+    with pytest.warns(LocoreDeprecationWarning, match="'num_locals' is deprecated .* use 'query_length' and 'gallery_length'"):
         assert renamed_options({"num_locals": 6}, {"num_locals": ("query_length", "gallery_length")}, "x") == {
             "query_length": 6, "gallery_length": 6}
     with pytest.raises(TypeError, match=r"unexpected option\(s\) \['nope'\]"):
@@ -31,7 +31,7 @@ def test_renamed_options_by_hand():
 ])
 def test_old_reranker_options_build_the_same_reranker(name, old, new, attributes):
     extra = SMALL_LOCORE if name.startswith("locore") else {}
-    with pytest.warns(DeprecationWarning, match="deprecated"):
+    with pytest.warns(LocoreDeprecationWarning, match="deprecated"):
         before = create_reranker(name, **extra, **old)
     after = create_reranker(name, **extra, **new)
     for attribute in attributes:
@@ -39,27 +39,27 @@ def test_old_reranker_options_build_the_same_reranker(name, old, new, attributes
 
 
 def test_old_and_new_name_together_is_an_error():
-    with pytest.raises(TypeError, match="under both"), pytest.warns(DeprecationWarning):
+    with pytest.raises(TypeError, match="under both"), pytest.warns(LocoreDeprecationWarning):
         create_reranker("superglobal", M=50, top_k=40)
-    with pytest.raises(TypeError, match="not both"), pytest.warns(DeprecationWarning):
+    with pytest.raises(TypeError, match="not both"), pytest.warns(LocoreDeprecationWarning):
         create_reranker("locore-tiny", **SMALL_LOCORE, alpha=0.2, fusion=(0.1, 1.0))
 
 
 def test_r2former_official_fusion_is_now_default():
     config = dict(hidden=16, depth=1, pair_depth=1, heads=2, local_dim=8, global_dim=8, num_patches=16, num_corr=2)
-    with pytest.warns(DeprecationWarning, match="fusion='default'"):
+    with pytest.warns(LocoreDeprecationWarning, match="fusion='default'"):
         before = create_reranker("r2former", pretrained=False, config=config, fusion="official", query_length=4, gallery_length=4)
     after = create_reranker("r2former", pretrained=False, config=config, fusion="default", query_length=4, gallery_length=4)
     assert before.fusion == after.fusion and after.fusion[1] == 1.0
 
 
 def test_old_extractor_and_training_list_options():
-    with pytest.warns(DeprecationWarning, match="'max_keypoints' is deprecated"):
+    with pytest.warns(LocoreDeprecationWarning, match="'max_keypoints' is deprecated"):
         assert create_extractor("sift", max_keypoints=40).num_locals == 40
     from locore_plugin import ImageFeatures
     from locore_plugin.data.training_lists import TrainingLists
 
     features = [ImageFeatures(global_desc=np.ones(2)) for _ in range(4)]
     neighbours = np.array([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]])
-    with pytest.warns(DeprecationWarning, match="'topk' is deprecated .* 'list_length'"):
+    with pytest.warns(LocoreDeprecationWarning, match="'topk' is deprecated .* 'list_length'"):
         assert TrainingLists(features, neighbours, np.array([0, 0, 1, 1]), topk=2).list_length == 2

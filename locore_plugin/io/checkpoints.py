@@ -11,6 +11,8 @@ from typing import Iterable, Optional, Union
 import numpy as np
 import torch
 
+from locore_plugin.options import LocoreDeprecationWarning
+
 PathLike = Union[str, Path]
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"  # what save_pretrained writes
 
@@ -94,8 +96,7 @@ def count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
 
 SAVED_NAME = "reranker"  # the key of config.json that names the registry entry a folder was saved from
 # What locore-plugin 0.1 wrote instead: {"method": name, "model": config} (pair-wise) and the LoCoRE
-# config with a "variant" key. Read for one release, with a DeprecationWarning.
-_LEGACY_NAMES = ("method", "variant")
+# config with a "variant" key. Read for one release, with a LocoreDeprecationWarning.
 
 
 def save_pretrained_folder(directory: PathLike, module: torch.nn.Module, reranker: str, config: dict,
@@ -158,11 +159,11 @@ def _saved_config(saved: dict, source: Path) -> tuple[dict, Optional[str]]:
     saved = dict(saved)
     if SAVED_NAME in saved:
         return saved, saved.pop(SAVED_NAME)
-    legacy = next((key for key in _LEGACY_NAMES if key in saved), None)
+    legacy = "method" if {"method", "model"} <= set(saved) else "variant" if "variant" in saved else None
     if legacy is None:
         return saved, None  # an official config.json (e.g. a LoCoRE release): no registry name
     warnings.warn(f"{source} is in the locore-plugin 0.1 layout ({legacy!r}); save it again to write the current one",
-                  DeprecationWarning, stacklevel=4)
+                  LocoreDeprecationWarning, stacklevel=4)
     name = saved.pop(legacy)
     return (saved["model"] if legacy == "method" else saved), name
 

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from locore_plugin.io.checkpoints import StateDictMismatchError, load_strict, read_checkpoint, read_state_dict, save_pretrained_folder
+from locore_plugin.options import LocoreDeprecationWarning
 
 
 def tiny():
@@ -83,7 +84,7 @@ def test_reads_the_0_1_layouts_with_a_deprecation_warning(tmp_path):
     for legacy, expected in (({"method": "rrt", "model": {"d_model": 8}}, {"d_model": 8}),
                              ({"variant": "locore-tiny", "local_dim": 8}, {"local_dim": 8})):
         (tmp_path / "config.json").write_text(json.dumps(legacy))
-        with pytest.warns(DeprecationWarning, match="0.1 layout"):
+        with pytest.warns(LocoreDeprecationWarning, match="0.1 layout"):
             read_back = read_checkpoint(tmp_path)
         assert read_back.config == expected and read_back.reranker == next(iter(legacy.values()))
 
