@@ -34,7 +34,7 @@ from locore_plugin.extractors import Crop, ImageExtractor
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.io.checkpoints import load_strict, read_state_dict
-from locore_plugin.options import merge_renamed, renamed_options
+from locore_plugin.options import renamed_options
 from locore_plugin.runtime import resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "facebook/dinov2-with-registers-base"
@@ -64,8 +64,7 @@ class SpatialAttention2d(nn.Module):
 class Dinov2AmesExtractor(ImageExtractor):
     def __init__(self, detector=None, model=DEFAULT_MODEL, num_locals=None, imsize=None, device=None, dtype="float32",
                  batch_size=8, verbose=0, **deprecated):
-        given = merge_renamed({"num_locals": num_locals}, renamed_options(deprecated, {"topk": "num_locals"}, "dinov2-ames"),
-                              "dinov2-ames")
+        given = renamed_options({"num_locals": num_locals}, deprecated, {"topk": "num_locals"}, "dinov2-ames")
         num_locals = 700 if given["num_locals"] is None else given["num_locals"]
         if detector is None:
             raise ValueError(

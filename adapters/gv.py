@@ -19,7 +19,7 @@ import torch
 from locore_plugin.features import stack_locals
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import ImageReranker, RerankResult
-from locore_plugin.options import merge_renamed, renamed_options
+from locore_plugin.options import renamed_options
 from locore_plugin.runtime import resolve_device, resolve_dtype
 
 MODELS = {"homography": 4, "fundamental": 8}  # minimal sample sizes
@@ -34,8 +34,8 @@ class GeometricVerification(ImageReranker):
     def __init__(self, model="homography", method="usac", threshold=0.01, iterations=1000, confidence=0.999,
                  query_length=None, gallery_length=None, device=None, dtype="float32", batch_size=64, verbose=0,
                  pretrained: bool = False, **deprecated):
-        old = renamed_options(deprecated, {"max_locals": ("query_length", "gallery_length")}, "gv")
-        given = merge_renamed({"query_length": query_length, "gallery_length": gallery_length}, old, "gv")
+        given = renamed_options({"query_length": query_length, "gallery_length": gallery_length}, deprecated,
+                                {"max_locals": ("query_length", "gallery_length")}, "gv")
         query_length, gallery_length = (1000 if given[k] is None else given[k] for k in ("query_length", "gallery_length"))
         if model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")

@@ -15,7 +15,7 @@ import numpy as np
 from locore_plugin.extractors import Crop, ImageExtractor
 from locore_plugin.features import ImageFeatures
 from locore_plugin.hookspecs import hookimpl
-from locore_plugin.options import merge_renamed, renamed_options
+from locore_plugin.options import renamed_options
 
 DIM = 128
 
@@ -25,8 +25,7 @@ class SiftExtractor(ImageExtractor):
     at most ``imsize`` (the factor chosen on the full image, so a query crop keeps its scale)."""
 
     def __init__(self, num_locals=None, imsize=1024, batch_size=16, verbose=0, **deprecated):
-        given = merge_renamed({"num_locals": num_locals}, renamed_options(deprecated, {"max_keypoints": "num_locals"}, "sift"),
-                              "sift")
+        given = renamed_options({"num_locals": num_locals}, deprecated, {"max_keypoints": "num_locals"}, "sift")
         num_locals = 1000 if given["num_locals"] is None else given["num_locals"]
         if num_locals < 1:
             raise ValueError(f"num_locals must be >= 1, got {num_locals}")

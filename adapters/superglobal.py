@@ -15,7 +15,7 @@ import torch
 from locore_plugin.features import stack_globals
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import ImageReranker, RerankResult, with_tail
-from locore_plugin.options import merge_renamed, renamed_options
+from locore_plugin.options import renamed_options
 from locore_plugin.runtime import resolve_device, resolve_dtype
 
 
@@ -26,7 +26,7 @@ class SuperGlobalReranker(ImageReranker):
 
     def __init__(self, top_k=None, K=9, beta=0.15, device=None, dtype="float32", batch_size=64, verbose=0,
                  pretrained: bool = False, **deprecated):
-        given = merge_renamed({"top_k": top_k}, renamed_options(deprecated, {"M": "top_k"}, "superglobal"), "superglobal")
+        given = renamed_options({"top_k": top_k}, deprecated, {"M": "top_k"}, "superglobal")
         top_k = 400 if given["top_k"] is None else given["top_k"]
         if top_k < 1 or K < 0:
             raise ValueError(f"SuperGlobal needs top_k >= 1 and K >= 0, got top_k={top_k}, K={K}")

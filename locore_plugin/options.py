@@ -79,29 +79,23 @@ class LocoreDeprecationWarning(FutureWarning):
     ``DeprecationWarning`` raised inside a library); filter it by this class."""
 
 
-def renamed_options(given: dict, renames: dict, owner: str) -> dict:
-    """The options of ``given`` under today's names. ``renames`` maps an old name to its new name
-    (or to a tuple of names it sets together, e.g. LoCoRE's ``num_locals`` to ``query_length`` and
-    ``gallery_length``). Old names are accepted for one release with a :class:`LocoreDeprecationWarning`; an old
-    and a new name for the same option together, or any other name, is a TypeError."""
-    unknown = sorted(set(given) - set(renames))
+def renamed_options(current: dict, deprecated: dict, renames: dict, owner: str) -> dict:
+    """The options under today's names: ``current`` (the new names as given, None where not
+    given) with the ``deprecated`` ones moved to their new names. ``renames`` maps an old name to
+    its new name, or to a tuple of names it sets together (LoCoRE's ``num_locals`` sets
+    ``query_length`` and ``gallery_length``). Each old name warns with a
+    :class:`LocoreDeprecationWarning`; an option given under both names, or a name that is neither,
+    is a TypeError (which one should win is not ours to guess)."""
+    unknown = sorted(set(deprecated) - set(renames))
     if unknown:
         raise TypeError(f"{owner} got unexpected option(s) {unknown}")
-    out: dict = {}
-    for old, value in given.items():
-        new = renames[old]
-        targets = new if isinstance(new, tuple) else (new,)
+    out = dict(current)
+    for old, value in deprecated.items():
+        targets = renames[old] if isinstance(renames[old], tuple) else (renames[old],)
         warnings.warn(f"{owner}: option {old!r} is deprecated and will be removed in the next release; "
                       f"use {' and '.join(repr(t) for t in targets)}", LocoreDeprecationWarning, stacklevel=3)
-        for target in targets:
-            out[target] = value
+        both = [t for t in targets if current.get(t) is not None]
+        if both:
+            raise TypeError(f"{owner}: option(s) {both} given under both their new and their deprecated names")
+        out.update(dict.fromkeys(targets, value))
     return out
-
-
-def merge_renamed(current: dict, old: dict, owner: str) -> dict:
-    """``current`` (the options under their new names, as given) updated by the renamed ``old`` ones;
-    an option given under both names is a TypeError (which one should win is not ours to guess)."""
-    both = sorted(k for k in old if current.get(k) is not None)
-    if both:
-        raise TypeError(f"{owner}: option(s) {both} given under both their new and their deprecated names")
-    return {**current, **old}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from locore_plugin import create_extractor, create_reranker
-from locore_plugin.options import LocoreDeprecationWarning, merge_renamed, renamed_options
+from locore_plugin.options import LocoreDeprecationWarning, renamed_options
 
 SMALL_LOCORE = dict(pretrained=False, window=5, stride=2,
                     config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -13,13 +13,14 @@ SMALL_LOCORE = dict(pretrained=False, window=5, stride=2,
 
 def test_renamed_options_by_hand():
     with pytest.warns(LocoreDeprecationWarning, match="'num_locals' is deprecated .* use 'query_length' and 'gallery_length'"):
-        assert renamed_options({"num_locals": 6}, {"num_locals": ("query_length", "gallery_length")}, "x") == {
-            "query_length": 6, "gallery_length": 6}
+        assert renamed_options({"query_length": None, "gallery_length": None, "top_k": 3}, {"num_locals": 6},
+                               {"num_locals": ("query_length", "gallery_length")}, "x") == {
+            "query_length": 6, "gallery_length": 6, "top_k": 3}
+    assert renamed_options({"top_k": 3}, {}, {"M": "top_k"}, "x") == {"top_k": 3}  # nothing deprecated: silent
     with pytest.raises(TypeError, match=r"unexpected option\(s\) \['nope'\]"):
-        renamed_options({"nope": 1}, {"num_locals": "query_length"}, "x")
-    assert merge_renamed({"top_k": None}, {"top_k": 5}, "x") == {"top_k": 5}
-    with pytest.raises(TypeError, match="under both"):
-        merge_renamed({"top_k": 3}, {"top_k": 5}, "x")
+        renamed_options({}, {"nope": 1}, {"num_locals": "query_length"}, "x")
+    with pytest.raises(TypeError, match="under both"), pytest.warns(LocoreDeprecationWarning):
+        renamed_options({"top_k": 3}, {"M": 5}, {"M": "top_k"}, "x")
 
 
 @pytest.mark.parametrize("name, old, new, attributes", [

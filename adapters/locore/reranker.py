@@ -12,7 +12,7 @@ from torch import nn
 from locore_plugin.features import ImageFeatures, stack_globals, stack_locals
 from locore_plugin.interface import RerankResult, TrainableReranker
 from locore_plugin.io.checkpoints import load_strict
-from locore_plugin.options import merge_renamed, renamed_options
+from locore_plugin.options import renamed_options
 from locore_plugin.progress import progress
 from locore_plugin.runtime import resolve_device, resolve_dtype
 from locore_plugin.sliding_window import ORDERS, sliding_rerank
@@ -53,8 +53,8 @@ class LocoreReranker(TrainableReranker):
                  order: str = "end-to-start", fusion="default", reduction: str = "max-end",
                  attn_implementation: str = FAST, use_global: Optional[bool] = None, config: Optional[dict] = None,
                  **deprecated):
-        given = merge_renamed({"query_length": query_length, "gallery_length": gallery_length, "top_k": top_k},
-                              renamed_options(deprecated, DEPRECATED_OPTIONS, variant), variant)
+        given = renamed_options({"query_length": query_length, "gallery_length": gallery_length, "top_k": top_k},
+                                deprecated, DEPRECATED_OPTIONS, variant)
         weight, temperature = given.pop("fusion_weight", None), given.pop("fusion_temperature", None)
         if weight is not None or temperature is not None:
             if fusion != "default":

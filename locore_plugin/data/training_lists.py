@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from locore_plugin.features import ImageFeatures
 from locore_plugin.io.atomic import atomic_write
 from locore_plugin.io.descriptors import DescriptorSet, build_shortlist, read_nn, write_descriptors, write_nn
-from locore_plugin.options import merge_renamed, renamed_options
+from locore_plugin.options import renamed_options
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,8 +114,7 @@ class TrainingLists(Dataset):
             neighbours = neighbours.astype(np.int64)
         if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= n):
             raise ValueError(f"neighbour indices must lie in [0, {n}), got [{neighbours.min()}, {neighbours.max()}]")
-        given = merge_renamed({"list_length": list_length}, renamed_options(deprecated, {"topk": "list_length"}, "training data"),
-                              "training data")
+        given = renamed_options({"list_length": list_length}, deprecated, {"topk": "list_length"}, "training data")
         length = 100 if given["list_length"] is None else int(given["list_length"])
         if length < 1:
             raise ValueError(f"list_length must be >= 1, got {length}")
