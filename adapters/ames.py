@@ -11,8 +11,10 @@ official code does (it models storing the database in half precision).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,6 +64,11 @@ RUNTIME = dict(query_length=600, gallery_length=50)
 # Our config keys are the official constructor's own names; ``data_root`` only locates the ITQ
 # file that initialises the binarisation layer, whose trained matrix every checkpoint holds.
 IGNORED_OFFICIAL = ("data_root",)
+# Fitting ITQ (``itq=`` a descriptor file): locals drawn from it and iterations of the rotation
+# (Gong & Lazebnik's 50, as the official ``_itq_rotation`` callers use).
+ITQ_SAMPLES = 100_000
+ITQ_ITERATIONS = 50
+DESCRIPTOR_SUFFIXES = (".hdf5", ".h5")
 
 
 def sizes_from_state(state: dict) -> dict:
@@ -97,6 +104,69 @@ class BinarizationLayer(nn.Module):
         if self.training:
             return torch.erf(x / (2 * self.sigma) ** 0.5)
         return torch.sign(x)
+
+
+def fit_itq(descriptors: np.ndarray, bits: int, iterations: int = ITQ_ITERATIONS, seed: int = 0) -> np.ndarray:
+    """The ITQ projection (Gong & Lazebnik, CVPR 2011) of locals, as the binarisation layer uses it:
+    W (D, bits) = PCA to ``bits`` dimensions, then the rotation that minimises the quantisation
+    error ||sign(V R) - V R|| by alternating sign and orthogonal Procrustes steps.
+
+    The locals are L2-normalised first, as the layer normalises its input; the PCA centres them,
+    but the layer (officially) projects without subtracting the mean, so the mean is not kept.
+    """
+    x = np.asarray(descriptors, np.float64)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise ValueError(f"fit_itq needs finite descriptors [N, D], got shape {x.shape}")
+    if not 1 <= bits <= x.shape[1] or len(x) < bits:
+        raise ValueError(f"fit_itq: {bits} bits need 1 <= bits <= D = {x.shape[1]} and at least {bits} descriptors, got {len(x)}")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = x - x.mean(0)
+    eigenvalues, eigenvectors = np.linalg.eigh(x.T @ x)
+    pca = eigenvectors[:, np.argsort(eigenvalues)[::-1][:bits]]
+    v = x @ pca
+    rotation = np.linalg.qr(np.random.default_rng(seed).normal(size=(bits, bits)))[0]
+    for _ in range(iterations):
+        codes = np.where(v @ rotation >= 0, 1.0, -1.0)
+        u, _, wt = np.linalg.svd(v.T @ codes)
+        rotation = u @ wt
+    return (pca @ rotation).astype(np.float32)
+
+
+def read_itq(source: Union[str, Path], local_dim: int, bits: int) -> torch.Tensor:
+    """The binarisation layer's initial W (local_dim, bits) from ``source``: an official ITQ file
+    (AMES ``itq_<desc>_D<bits>.npz`` with ``proj``; ELViS ``.pt`` with ``W``) or a local-descriptor
+    HDF5 file in the official layout, on whose valid locals ITQ is fitted (``ITQ_SAMPLES`` of them)."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"ITQ source {path} does not exist (an official itq_*.npz / .pt file or a local-descriptor .hdf5)")
+    if path.suffix in DESCRIPTOR_SUFFIXES:
+        from locore_plugin.io.descriptors import LocalReader
+
+        reader = LocalReader(path)
+        try:
+            rng = np.random.default_rng(0)
+            rows = np.sort(rng.choice(len(reader), min(len(reader), ITQ_SAMPLES), replace=False))
+            block = reader.read(rows)
+        finally:
+            reader.close()
+        valid = block["local"][block["mask"]]
+        valid = valid[rng.permutation(len(valid))[:ITQ_SAMPLES]]
+        projection = torch.from_numpy(fit_itq(valid, bits))
+    elif path.suffix == ".npz":
+        with np.load(path) as data:
+            if "proj" not in data:
+                raise KeyError(f"{path}: an official ITQ .npz holds 'proj', found {sorted(data.files)}")
+            projection = torch.from_numpy(np.asarray(data["proj"], np.float32))
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = data.get("state", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict) or "W" not in data:
+            keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise KeyError(f"{path}: an official ITQ .pt holds 'W', found {keys}")
+        projection = data["W"].float()
+    if tuple(projection.shape) != (local_dim, bits):
+        raise ValueError(f"{path}: the ITQ projection is {tuple(projection.shape)}, the model needs ({local_dim}, {bits})")
+    return projection
 
 
 class DecoderLayer(nn.Module):
@@ -154,7 +224,7 @@ class AMES(nn.Module):
         self.apply(_official_init)
         nn.init.trunc_normal_(self.mtc_token, std=0.02)
 
-    def forward(self, src_local, src_mask, tgt_local, tgt_mask):
+    def forward(self, src_local, src_mask, tgt_local, tgt_mask, return_tokens: bool = False):
         src = self.remap_local(l2_normalize(src_local))
         tgt = self.remap_local(l2_normalize(tgt_local))
         if not self.training and not self.binarized:
@@ -163,7 +233,8 @@ class AMES(nn.Module):
         tokens = torch.cat([self.mtc_token.expand(batch, 1, -1), src, tgt], 1)
         padding = torch.cat([src_mask.new_zeros(batch, 1), src_mask, tgt_mask], 1)
         x = self.decoder(tokens, padding, *attention_blocks(q, t, tokens.device))
-        return self.classifier(x[:, 0]).view(-1)
+        logits = self.classifier(x[:, 0]).view(-1)
+        return (logits, x) if return_tokens else logits  # the official ``return_logits``: the final states
 
 
 def attention_blocks(q: int, t: int, device) -> tuple[list, list]:
@@ -199,12 +270,17 @@ class AMESReranker(PairwiseReranker):
         self.local_dim = module.config["local_dim"]
         super().__init__(module, **kwargs)
 
+    supports_distillation = True  # the official binary AMES is distilled from the full-precision one
+
     def pair_logits(self, module, query, gallery):
         return module(query["local"], ~query["mask"], gallery["local"], ~gallery["mask"])
 
+    def pair_tokens(self, module, query, gallery):
+        return module(query["local"], ~query["mask"], gallery["local"], ~gallery["mask"], return_tokens=True)
+
 
 def build_ames(name: str, checkpoint=None, pretrained: bool = True, config: Optional[dict] = None, fusion="default",
-               attn_implementation: str = FUSED, **options) -> AMESReranker:
+               attn_implementation: str = FUSED, itq=None, **options) -> AMESReranker:
     """``checkpoint``: an official ``.pt`` (``{'state': ...}``), a ``.safetensors`` file or a
     ``save_pretrained`` folder; ``pretrained=False`` starts from the official random init.
     A bare official file sizes the model from its tensors (depth, widths, local dimension,
@@ -216,7 +292,15 @@ def build_ames(name: str, checkpoint=None, pretrained: bool = True, config: Opti
     (``query_length``, ``gallery_length``, ``top_k``, ``device``, ``dtype``, ``batch_size``,
     ``variable_locals``, ``verbose``), with this method's defaults in ``RUNTIME``.
     ``attn_implementation``: ``"sdpa"`` (fused attention, the default) or ``"reference"``
-    (``nn.MultiheadAttention``'s own forward, for equivalence checks and ``locore-plugin bench``)."""
+    (``nn.MultiheadAttention``'s own forward, for equivalence checks and ``locore-plugin bench``).
+    ``itq``: where a binarised model to be trained starts its projection W, as the official
+    training does (:func:`read_itq`: an official ITQ file, or a descriptor file to fit ITQ on);
+    a checkpoint holds its own trained W, so the two do not go together."""
+    if itq is not None and not CONFIGS[name]["binarized"]:
+        raise ValueError(f"{name}: itq initialises the binarisation layer, which only the -binary variants have")
+    if itq is not None and checkpoint is not None:
+        raise ValueError(f"{name}: itq initialises a model trained from scratch (pretrained=False, no checkpoint); "
+                         "a checkpoint holds its own trained projection")
     settings, state = architecture(name, CONFIGS[name], checkpoint, pretrained, config, "pavelsuma/ames",
                                    sizes_from_state=sizes_from_state, ignored=IGNORED_OFFICIAL)
     activation_function(settings["activation"])  # an unknown one fails here, before any weights are built
@@ -229,6 +313,9 @@ def build_ames(name: str, checkpoint=None, pretrained: bool = True, config: Opti
         )
     check_heads(name, settings["model_dim"], settings["nhead"], "model_dim", "nhead")
     module = set_attention_implementation(loaded(AMES(settings), state, checkpoint), attn_implementation)
+    if itq is not None:
+        with torch.no_grad():
+            module.remap_local[0].W.copy_(read_itq(itq, settings["local_dim"], settings["model_dim"]))
     return AMESReranker(module, fusion=FUSION[name] if fusion == "default" else fusion, **{**RUNTIME, **options})
 
 

@@ -304,6 +304,10 @@ def read_r2former_checkpoint(checkpoint) -> Checkpoint:
 
 # The shared pair-wise options this method sets apart from their defaults (the official 500 locals).
 RUNTIME = dict(query_length=500, gallery_length=500)
+# The official re-ranking stage (train_reranking.sh: --mining global --negs_num_per_query 1
+# --neg_hardness 100): one negative per query, drawn from its 100 hardest.
+NEGATIVES_PER_QUERY = 1
+NEGATIVE_POOL = 100
 
 
 class R2FormerReranker(PairwiseReranker):
@@ -320,8 +324,8 @@ class R2FormerReranker(PairwiseReranker):
     exact_without_padding = True  # padded locals are never chosen as correspondences and are masked out
     accelerator_batch_size = 100
 
-    def __init__(self, module: R2Former, *, fusion=None, negatives_per_query: int = 10, xy_scale: Optional[float] = None,
-                 **kwargs):
+    def __init__(self, module: R2Former, *, fusion=None, negatives_per_query: int = NEGATIVES_PER_QUERY,
+                 negative_pool: Optional[int] = NEGATIVE_POOL, xy_scale: Optional[float] = None, **kwargs):
         if fusion == "official":  # locore-plugin 0.1's name
             warnings.warn("r2former: fusion='official' is deprecated and will be removed in the next release; use "
                           "fusion='default'", LocoreDeprecationWarning, stacklevel=3)
@@ -332,6 +336,8 @@ class R2FormerReranker(PairwiseReranker):
             raise ValueError(f"fusion must be None, 'default' or (weight, temperature), got {fusion!r}")
         if negatives_per_query < 1:
             raise ValueError(f"negatives_per_query must be >= 1, got {negatives_per_query}")
+        if negative_pool is not None and negative_pool < negatives_per_query:
+            raise ValueError(f"negative_pool must be None or >= negatives_per_query ({negatives_per_query}), got {negative_pool}")
         if xy_scale is not None and not xy_scale > 0:
             raise ValueError(f"xy_scale must be None or > 0, got {xy_scale}")
         self.xy_scale = xy_scale
@@ -342,6 +348,7 @@ class R2FormerReranker(PairwiseReranker):
         self.min_length = k  # top-k correspondences need k slots per image
         self.local_dim = module.config.local_dim
         self.negatives_per_query = int(negatives_per_query)
+        self.negative_pool = None if negative_pool is None else int(negative_pool)
 
     def pair_logits(self, module, query, gallery):
         logits = module(self._prepare(query, "query"), self._prepare(gallery, "gallery"))
@@ -370,12 +377,19 @@ class R2FormerReranker(PairwiseReranker):
         return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
     def sample_pairs(self, labels, rng):
-        """The official triplets: per list, its best positive (the first in the global shortlist)
-        against each of its ``negatives_per_query`` hardest negatives (the first negatives), the
-        positive pair repeated once per negative; lists without a positive or a negative are skipped."""
+        """The official re-ranking triplets: per list, its best positive (the first in the global
+        shortlist) against ``negatives_per_query`` negatives drawn without replacement from its
+        ``negative_pool`` hardest (the first negatives), drawn again every time the list comes
+        back; ``negative_pool=None`` takes the hardest ones themselves. The positive pair is repeated
+        once per negative; lists without a positive or a negative are skipped."""
         lists, items, targets = [], [], []
         for i, label in enumerate(labels):
-            positives, negatives = np.flatnonzero(label > 0), np.flatnonzero(label <= 0)[: self.negatives_per_query]
+            positives, negatives = np.flatnonzero(label > 0), np.flatnonzero(label <= 0)
+            if self.negative_pool is None:
+                negatives = negatives[: self.negatives_per_query]
+            else:
+                pool = negatives[: self.negative_pool]
+                negatives = np.sort(rng.choice(pool, min(self.negatives_per_query, len(pool)), replace=False))
             if len(positives) == 0 or len(negatives) == 0:
                 continue
             lists.append(np.full(2 * len(negatives), i))
@@ -436,7 +450,9 @@ def build_r2former(name: str, checkpoint: Union[str, Path, None] = None, pretrai
     names or the official ``R2Former(...)`` keywords. ``fusion``: None
     (rank by softmax[:, 1], as the official evaluation), ``"default"`` (the official
     ``final_score``) or (weight, temperature). ``top_k``: re-rank only the first k (officially 100).
-    ``negatives_per_query``: hard negatives per positive in training (official 10). ``xy_scale``
+    ``negatives_per_query`` / ``negative_pool``: in training, each positive is paired with that
+    many negatives drawn from the list's ``negative_pool`` hardest (official 1 of 100; a pool of
+    None takes the hardest themselves, always the same). ``xy_scale``
     divides the ``xy`` column first, for files that hold pixel positions (the longer image side).
     ``options`` are the shared :class:`~locore_plugin.pairwise.PairwiseReranker` options
     (``query_length``, ``gallery_length``, ``top_k``, ``device``, ``dtype``, ``batch_size``,

@@ -132,6 +132,22 @@ class TrainableReranker(ImageReranker):
         """Mean loss of a batch of lists, computed through ``module`` (default ``self.module``;
         the trainer passes its DDP wrapper)."""
 
+    # Whether :meth:`distillation_loss` is implemented (the trainer checks it before it builds a teacher).
+    supports_distillation: bool = False
+
+    def distillation_loss(
+        self,
+        queries: list[ImageFeatures],
+        shortlists: list[list[ImageFeatures]],
+        labels: list[np.ndarray],
+        teacher: "TrainableReranker",
+        weight: float,
+        module: Optional["torch.nn.Module"] = None,
+    ) -> "torch.Tensor":
+        """The training loss plus ``weight`` times a term that pulls this model's outputs towards
+        those of a frozen ``teacher`` (e.g. a binarised AMES from its full-precision model)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be trained by distillation")
+
     @abc.abstractmethod
     def save_pretrained(self, directory) -> None:
         """Write the weights (safetensors, official key names) and config so that

@@ -223,8 +223,13 @@ class PairwiseReranker(TrainableReranker):
         item_index = np.concatenate([np.arange(n) for n in lengths])
         return list_index, item_index, np.concatenate(labels).astype(np.float32)
 
-    def training_loss(self, queries, shortlists, labels, module=None):
-        """Binary cross-entropy (mean over the sampled pairs) of the logits against same-instance labels."""
+    def pair_tokens(self, module: torch.nn.Module, query: dict, gallery: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (P,) and the final token states (P, 1 + Lq + Lg, D) of ``[summary token, query
+        locals, gallery locals]``, for distillation; methods with ``supports_distillation`` implement it."""
+        raise NotImplementedError(f"{self.method} does not expose its token states, so it cannot be distilled")
+
+    def _training_pairs(self, queries, shortlists, labels):
+        """The batch's sampled pairs as model inputs: (query, item, target, lengths, empty)."""
         if not (len(queries) == len(shortlists) == len(labels)):
             raise ValueError(f"{len(queries)} queries, {len(shortlists)} shortlists, {len(labels)} label arrays")
         labels = [np.asarray(l) for l in labels]
@@ -243,11 +248,46 @@ class PairwiseReranker(TrainableReranker):
                        int(self.rng.integers(self.variable_locals, self.gallery_length)))
         items = [shortlists[l][i] for l, i in zip(list_index, item_index)]
         query, item = self.pair_inputs(queries, list_index, items, lengths)
+        return (query, item, torch.as_tensor(target, device=self.device), (list_index, items), empty)
+
+    def training_loss(self, queries, shortlists, labels, module=None):
+        """Binary cross-entropy (mean over the sampled pairs) of the logits against same-instance labels."""
+        query, item, target, _, empty = self._training_pairs(queries, shortlists, labels)
         logits = self.pair_logits(module if module is not None else self.module, query, item)
         if empty:
             return logits.float().sum() * 0.0
-        return F.binary_cross_entropy_with_logits(logits.float(), torch.as_tensor(target, device=logits.device))
+        return F.binary_cross_entropy_with_logits(logits.float(), target)
 
+    def distillation_loss(self, queries, shortlists, labels, teacher, weight, module=None):
+        """The official AMES distillation (ELViS ``utils/training.py``): the BCE of the sampled pairs
+        plus ``weight`` x the mean squared difference between this model's final token states and
+        the teacher's. The teacher (frozen, in evaluation mode) reads every local up to its own
+        ``query_length`` / ``gallery_length``; this model reads the first ones only when
+        ``variable_locals`` draws fewer, and the states are compared at the summary token and at
+        the locals this model read (valid ones: padded slots carry no descriptor)."""
+        query, item, target, (rows, items), empty = self._training_pairs(queries, shortlists, labels)
+        logits, tokens = self.pair_tokens(module if module is not None else self.module, query, item)
+        with torch.no_grad():
+            was_training = teacher.module.training
+            teacher.module.eval()
+            try:
+                teacher_query, teacher_item = teacher.pair_inputs(queries, rows, items)
+                _, teacher_tokens = teacher.pair_tokens(teacher.module, teacher_query, teacher_item)
+            finally:
+                teacher.module.train(was_training)
+        lq, lg, tq = query["mask"].shape[1], item["mask"].shape[1], teacher_query["mask"].shape[1]
+        if tq < lq or teacher_item["mask"].shape[1] < lg:
+            raise ValueError(f"{self.method}: the teacher reads fewer locals ({teacher.query_length} / {teacher.gallery_length}) "
+                             f"than the model it distils into ({self.query_length} / {self.gallery_length})")
+        if tokens.shape[-1] != teacher_tokens.shape[-1]:
+            raise ValueError(f"{self.method}: token width {tokens.shape[-1]} differs from the teacher's {teacher_tokens.shape[-1]}")
+        aligned = torch.cat([teacher_tokens[:, : 1 + lq], teacher_tokens[:, 1 + tq: 1 + tq + lg]], 1)
+        valid = torch.cat([query["mask"].new_ones(len(target), 1), query["mask"], item["mask"]], 1)
+        squared = (tokens.float() - aligned.float()).pow(2).mean(-1)
+        distance = squared[valid].mean()
+        if empty:
+            return (logits.float().sum() + distance) * 0.0
+        return F.binary_cross_entropy_with_logits(logits.float(), target) + weight * distance
 
 def architecture(
     name: str,

@@ -71,6 +71,10 @@ class TrainConfig:
     reranker_options: dict = dataclasses.field(default_factory=dict)
     checkpoint: Optional[str] = None  # initial weights; None = random initialisation (pretrained=False)
     validation: Optional[dict] = None  # options of the held-out evaluation run after every epoch
+    # A frozen teacher the model is distilled from: {reranker, checkpoint, weight (10, the official
+    # beta), options (its create_reranker options besides query_length / gallery_length, which
+    # default to the model's)}.
+    distillation: Optional[dict] = None
     epochs: int = 3
     per_device_batch_size: int = 4
     grad_accumulation: int = 4
@@ -114,6 +118,8 @@ class TrainConfig:
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
         self.betas = tuple(float(b) for b in self.betas)
+        if self.distillation is not None:
+            self.distillation = _distillation_options(self.distillation)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -128,6 +134,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+DISTILLATION_WEIGHT = 10.0  # ELViS conf/train.yaml ``beta``
+
+
+def _distillation_options(table) -> dict:
+    """The ``distillation`` table, checked: ``reranker`` and ``checkpoint`` are required."""
+    if not isinstance(table, dict):
+        raise TypeError(f"distillation must be a table {{reranker, checkpoint, weight, options}}, got {table!r}")
+    unknown = sorted(set(table) - {"reranker", "checkpoint", "weight", "options"})
+    missing = [k for k in ("reranker", "checkpoint") if not table.get(k)]
+    if unknown or missing:
+        raise ValueError(f"distillation: unknown key(s) {unknown}, missing {missing} (keys: reranker, checkpoint, weight, options)")
+    weight = float(table.get("weight", DISTILLATION_WEIGHT))
+    if not weight > 0:
+        raise ValueError(f"distillation.weight must be > 0, got {weight}")
+    return {"reranker": table["reranker"], "checkpoint": str(table["checkpoint"]), "weight": weight,
+            "options": dict(table.get("options", {}))}
 
 
 def load_config(path, overrides: tuple[str, ...] = ()) -> TrainConfig:
@@ -291,6 +315,7 @@ class Trainer:
         if not isinstance(reranker, TrainableReranker):
             raise TypeError(f"{cfg.reranker!r} is a {type(reranker).__name__}, not a TrainableReranker: it cannot be trained")
         self.reranker = reranker
+        self.teacher = None if cfg.distillation is None else self._teacher(reranker)
         module = reranker.module
         bad = sorted({str(p.dtype) for p in module.parameters() if p.dtype != torch.float32})
         if bad:
@@ -316,6 +341,21 @@ class Trainer:
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.output_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+
+    def _teacher(self, student: TrainableReranker) -> TrainableReranker:
+        """The frozen teacher of ``distillation``, built through the registry on this device."""
+        cfg = self.config
+        if not student.supports_distillation:
+            raise ValueError(f"{cfg.reranker!r} cannot be trained by distillation (supports_distillation is False)")
+        table = cfg.distillation
+        options = {"query_length": getattr(student, "query_length", None), "gallery_length": getattr(student, "gallery_length", None)}
+        options = {k: v for k, v in options.items() if v is not None}
+        teacher = create_reranker(table["reranker"], checkpoint=table["checkpoint"], device=str(self.device),
+                                  **{**options, **table["options"]})
+        if not isinstance(teacher, TrainableReranker) or not teacher.supports_distillation:
+            raise ValueError(f"distillation teacher {table['reranker']!r} does not expose what distillation compares")
+        teacher.module.eval().requires_grad_(False)
+        return teacher
 
     def _latest_checkpoint(self) -> tuple[Optional[Path], Optional[dict]]:
         """The checkpoint to resume from and its trainer state: the one ``latest`` names, else
@@ -426,7 +466,11 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.model.no_sync()
             with sync:
                 with autocast:
-                    loss = self.reranker.training_loss(queries, shortlists, labels, module=self.model)
+                    if self.teacher is None:
+                        loss = self.reranker.training_loss(queries, shortlists, labels, module=self.model)
+                    else:
+                        loss = self.reranker.distillation_loss(queries, shortlists, labels, self.teacher,
+                                                               cfg.distillation["weight"], module=self.model)
                 if loss.ndim != 0:
                     raise ValueError(f"{cfg.reranker}: training_loss must return a scalar, got shape {tuple(loss.shape)}")
                 if cfg.precision != "fp16" and not torch.isfinite(loss):

@@ -18,7 +18,7 @@ from locore_plugin.data.training_lists import TrainingLists
 from locore_plugin.hookspecs import hookimpl
 from locore_plugin.interface import ImageReranker, TrainableReranker, ranked
 from locore_plugin.io.checkpoints import load_strict, read_state_dict
-from locore_plugin.training import TrainConfig, load_config, main, train
+from locore_plugin.training import TrainConfig, Trainer, load_config, main, train
 
 DIM = 8
 
@@ -396,3 +396,45 @@ def test_small_locore_trained_briefly_beats_the_global_ranking_on_held_out_queri
     result = epochs[best["epoch"]]
     assert result["medium_mAP"] >= result["global_medium_mAP"] + 1.5, result
     assert result["hard_mAP"] > result["global_hard_mAP"], result
+
+
+def test_a_binary_ames_is_distilled_from_its_full_precision_teacher(tmp_path):
+    """The official binary-AMES training: the teacher, built through the registry from its checkpoint,
+    stays frozen while the distillation term (weight 10) pulls the student's states towards its own."""
+    from locore_plugin.data.training_lists import training_data
+
+    architecture = dict(local_dim=32, model_dim=16, nhead=2, num_encoder_layers=1, dim_feedforward=32)
+    torch.manual_seed(1)
+    teacher = create_reranker("ames-dinov2", pretrained=False, config=architecture, query_length=16, gallery_length=16)
+    teacher.save_pretrained(tmp_path / "teacher")
+    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    lists = training_data(dict(synthetic=dict(seeds=[1], size="tiny"), directory=str(tmp_path / "split"), num_locals=16,
+                               list_length=6))
+    options = dict(config=architecture, query_length=16, gallery_length=16, variable_locals=4)
+    distillation = dict(reranker="ames-dinov2", checkpoint=str(tmp_path / "teacher"))
+    cfg = config(tmp_path, reranker="ames-dinov2-binary", reranker_options=options, distillation=distillation, lr=3e-3,
+                 epochs=6, grad_accumulation=1)
+    assert cfg.distillation["weight"] == 10.0  # the official beta
+    trainer = Trainer(cfg, lists)
+    trainer.fit()
+    losses = [e["loss"] for e in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if e["event"] == "train"]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert_same({k: v for k, v in trainer.teacher.module.state_dict().items()}, before)  # the teacher is frozen
+
+    with pytest.raises(ValueError, match="cannot be trained by distillation"):
+        train(config(tmp_path, name="tiny", distillation=distillation), make_lists())
+    with pytest.raises(ValueError, match=r"missing \['checkpoint'\]"):
+        config(tmp_path, distillation=dict(reranker="ames-dinov2"))
+
+
+def test_every_training_recipe_parses_and_names_registered_rerankers():
+    from locore_plugin.registry import registered_rerankers
+
+    known = registered_rerankers()
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("train_*.toml"))
+    assert len(recipes) >= 10
+    for recipe in recipes:
+        cfg = load_config(recipe)
+        assert cfg.reranker in known, recipe.name
+        if cfg.distillation is not None:
+            assert cfg.distillation["reranker"] in known and known[cfg.distillation["reranker"]].metadata.learned, recipe.name

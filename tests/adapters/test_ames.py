@@ -261,3 +261,115 @@ def test_trains_through_the_shared_loop_with_gradient_checkpointing(tmp_path):
     initial = create_reranker("ames-dinov2", pretrained=False, **options)
     assert not torch.equal(trained.module.classifier.weight, initial.module.classifier.weight)
     assert np.isfinite(trained.rerank(features[0], features[1:6]).scores).all()
+
+
+# -- the binary variant's official training: ITQ initialisation and distillation -----------------
+
+
+def test_fit_itq_is_an_orthonormal_rotation_of_the_pca_subspace_that_lowers_the_quantisation_error():
+    from locore_plugin.adapters.ames import fit_itq
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 24)) @ rng.normal(size=(24, 24))
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    centred = unit - unit.mean(0)
+    top = np.linalg.svd(centred, full_matrices=False)[2][:8].T  # independent PCA: the first 8 right singular vectors
+
+    def error(w):
+        v = centred @ w
+        return float(((np.sign(v) - v) ** 2).sum())
+
+    start, fitted = fit_itq(x, 8, iterations=0), fit_itq(x, 8)
+    assert fitted.shape == (24, 8) and np.allclose(fitted.T @ fitted, np.eye(8), atol=1e-5)
+    assert np.allclose(fitted @ fitted.T, top @ top.T, atol=1e-4)  # the same subspace, rotated
+    assert error(fitted) < error(start)
+    with pytest.raises(ValueError, match="bits"):
+        fit_itq(x, 25)
+
+
+def test_itq_initialises_the_binarisation_layer_from_official_files_or_from_descriptors(tmp_path):
+    from locore_plugin.adapters.ames import fit_itq
+    from locore_plugin.io.descriptors import write_descriptors
+
+    rng = np.random.default_rng(2)
+    config = dict(local_dim=16, model_dim=8, num_encoder_layers=1)
+    projection = rng.normal(size=(16, 8)).astype(np.float32)
+    np.savez(tmp_path / "itq_dinov2_D8.npz", proj=projection)  # the AMES layout
+    torch.save({"W": torch.from_numpy(projection)}, tmp_path / "itq.pt")  # the ELViS layout
+    for source in ("itq_dinov2_D8.npz", "itq.pt"):
+        binary = create_reranker("ames-dinov2-binary", pretrained=False, config=config, itq=tmp_path / source)
+        assert torch.equal(binary.module.remap_local[0].W.detach(), torch.from_numpy(projection))
+
+    images = [ImageFeatures(local=rng.normal(size=(n, 16))) for n in (30, 12, 40)]
+    write_descriptors(tmp_path, "d", "train", images, topk=40)
+    binary = create_reranker("ames-dinov2-binary", pretrained=False, config=config, itq=tmp_path / "d_train_local.hdf5")
+    valid = np.concatenate([f.local for f in images]).astype(np.float32)
+    expected = fit_itq(valid[np.random.default_rng(0).permutation(len(valid))], 8)  # all 82 locals, any order: same PCA
+    got = binary.module.remap_local[0].W.detach().numpy()
+    assert np.allclose(got @ got.T, expected @ expected.T, atol=1e-4)
+
+    with pytest.raises(ValueError, match=r"\(16, 8\)"):
+        create_reranker("ames-dinov2-binary", pretrained=False, config={**config, "model_dim": 4, "nhead": 2}, itq=tmp_path / "itq.pt")
+    with pytest.raises(ValueError, match="only the -binary variants"):
+        create_reranker("ames-dinov2", pretrained=False, config=config, itq=tmp_path / "itq.pt")
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        create_reranker("ames-dinov2-binary", pretrained=False, config=config, itq=tmp_path / "missing.npz")
+    np.savez(tmp_path / "other.npz", W=projection)
+    with pytest.raises(KeyError, match="'proj'"):
+        create_reranker("ames-dinov2-binary", pretrained=False, config=config, itq=tmp_path / "other.npz")
+
+
+def _distillation_batch(rng):
+    queries = [ImageFeatures(local=rng.normal(size=(n, 16))) for n in (9, 4)]
+    shortlists = [[ImageFeatures(local=rng.normal(size=(n, 16))) for n in (2, 6, 5)] for _ in queries]
+    return queries, shortlists, [np.array([1, 0, 1]), np.array([0, 1, 0])]
+
+
+def test_distillation_compares_the_final_states_at_the_summary_token_and_the_locals_the_student_read():
+    rng = np.random.default_rng(3)
+    config = dict(local_dim=16, model_dim=8, nhead=2, num_encoder_layers=2, dim_feedforward=16)
+    teacher = create_reranker("ames-dinov2", pretrained=False, config=config, query_length=8, gallery_length=6)
+    student = create_reranker("ames-dinov2", pretrained=False, config=config, query_length=8, gallery_length=6)
+    student.module.load_state_dict(teacher.module.state_dict())
+    queries, shortlists, labels = _distillation_batch(rng)
+    student.module.eval()  # the same forward as the teacher's (the eval-mode float16 database cast included)
+    assert student.supports_distillation
+    # an identical student reading every local: the distillation term is 0, the loss is the BCE alone
+    student.rng, bce_rng = np.random.default_rng(5), np.random.default_rng(5)
+    with_teacher = student.distillation_loss(queries, shortlists, labels, teacher, weight=10.0)
+    student.rng = bce_rng
+    assert torch.allclose(with_teacher, student.training_loss(queries, shortlists, labels), atol=1e-6)
+
+    # the student reads 3 query / 2 gallery locals: by hand, against the teacher's states of all of them
+    student.variable_locals = 2
+    student.rng = np.random.default_rng(7)
+    loss = student.distillation_loss(queries, shortlists, labels, teacher, weight=10.0)
+    student.rng = np.random.default_rng(7)
+    rows, items, target = student.sample_pairs(labels, student.rng)
+    q_len, g_len = int(student.rng.integers(2, 8)), int(student.rng.integers(2, 6))
+    pairs = [shortlists[r][i] for r, i in zip(rows, items)]
+    student_inputs, teacher_inputs = student.pair_inputs(queries, rows, pairs, (q_len, g_len)), teacher.pair_inputs(queries, rows, pairs)
+    with torch.no_grad():
+        logits, mine = student.pair_tokens(student.module, *student_inputs)
+        _, theirs = teacher.pair_tokens(teacher.module, *teacher_inputs)
+    sq, tq = student_inputs[0]["mask"].shape[1], teacher_inputs[0]["mask"].shape[1]  # query slots of each
+    terms = []
+    for p, (r, item) in enumerate(zip(rows, pairs)):
+        nq, ng = min(q_len, len(queries[r].local)), min(g_len, len(item.local))  # the valid locals the student read
+        kept = [0, *range(1, 1 + nq)]
+        student_rows = kept + list(range(1 + sq, 1 + sq + ng))
+        teacher_rows = kept + list(range(1 + tq, 1 + tq + ng))
+        terms.append(((mine[p, student_rows] - theirs[p, teacher_rows]) ** 2).mean(-1))
+    distance = torch.cat(terms).mean()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(target))
+    assert distance > 0
+    assert torch.allclose(loss, bce + 10.0 * distance, atol=1e-5)
+
+
+def test_a_teacher_reading_fewer_locals_than_the_student_is_an_error():
+    rng = np.random.default_rng(4)
+    config = dict(local_dim=16, model_dim=8, nhead=2, num_encoder_layers=1, dim_feedforward=16)
+    teacher = create_reranker("ames-dinov2", pretrained=False, config=config, query_length=3, gallery_length=6)
+    student = create_reranker("ames-dinov2-binary", pretrained=False, config=config, query_length=8, gallery_length=6)
+    with pytest.raises(ValueError, match="teacher reads fewer locals"):
+        student.distillation_loss(*_distillation_batch(rng), teacher, weight=10.0)

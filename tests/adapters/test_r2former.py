@@ -327,10 +327,30 @@ def test_fusion_options(data):
         tiny_reranker(fusion="learned")
 
 
+def test_training_negatives_are_drawn_from_the_hardest_each_time_as_the_official_reranking_stage():
+    """Default: one negative per query drawn from its 100 hardest (train_reranking.sh), a new draw per use."""
+    reranker = tiny_reranker()
+    assert (reranker.negatives_per_query, reranker.negative_pool) == (1, 100)
+    label = np.r_[0, 0, 1, np.zeros(150)]  # the best positive is item 2; negatives 0, 1, 3, 4, ...
+    hardest = np.flatnonzero(label == 0)[:100]
+    drawn = []
+    for _ in range(400):
+        lists, items, targets = reranker.sample_pairs([label], reranker.rng)
+        np.testing.assert_array_equal(items[:1], [2])
+        np.testing.assert_array_equal(targets, [1, 0])
+        drawn.append(items[1])
+    assert set(drawn) <= set(hardest.tolist()) and len(set(drawn)) > 80  # re-drawn, never beyond the 100 hardest
+    pooled = tiny_reranker(negatives_per_query=3, negative_pool=5)
+    lists, items, targets = pooled.sample_pairs([label], pooled.rng)
+    assert len(set(items[3:])) == 3 and set(items[3:]) <= {0, 1, 3, 4, 5}
+    with pytest.raises(ValueError, match="negative_pool"):
+        tiny_reranker(negatives_per_query=3, negative_pool=2)
+
+
 def test_training_loss_is_the_official_two_class_cross_entropy(data):
     """Best positive (first) against the hardest negatives (first ones), CE over the two classes."""
     queries, shortlists = data
-    reranker = tiny_reranker(negatives_per_query=2)
+    reranker = tiny_reranker(negatives_per_query=2, negative_pool=None)
     labels = [np.array([0, 1, 0, 1]), np.array([0, 0, 0, 1, 0, 0]), np.array([1])]  # the last: no negative
     lists, items, targets = reranker.sample_pairs(labels, reranker.rng)
     np.testing.assert_array_equal(lists, [0, 0, 0, 0, 1, 1, 1, 1])
