@@ -6,7 +6,7 @@ import sys
 
 from locore_plugin.bench import add_parser as add_bench_command
 from locore_plugin.demo import add_demo_command
-from locore_plugin.evaluation import add_eval_command
+from locore_plugin.evaluation import add_eval_command, add_tune_command
 from locore_plugin.extractors import add_extract_command, list_extractors
 from locore_plugin.registry import list_rerankers
 from locore_plugin.training import add_subcommand as add_train_command
@@ -26,7 +26,7 @@ def _add_list(subparsers):
     parser.set_defaults(run=run)
 
 
-SUBCOMMANDS = [_add_list, add_eval_command, add_demo_command, add_extract_command, add_train_command, add_bench_command]
+SUBCOMMANDS = [_add_list, add_eval_command, add_tune_command, add_demo_command, add_extract_command, add_train_command, add_bench_command]
 
 
 def main(argv=None) -> int:

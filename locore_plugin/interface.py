@@ -61,6 +61,14 @@ class ImageReranker(abc.ABC):
             resolved.append(_global_scores(query, shortlist, None if global_scores is None else global_scores[i], i))
         return self._rerank_many(list(queries), [list(s) for s in shortlists], resolved)
 
+    def head_logits(self, queries: Sequence[ImageFeatures], shortlists: Sequence[Sequence[ImageFeatures]]) -> list[np.ndarray]:
+        """The raw logits of each shortlist's re-ranked head (its first ``top_k`` items, in
+        shortlist order), before the ``fusion=(weight, temperature)`` step of
+        :func:`~locore_plugin.fusion.fuse_scores`: ranking the head by ``fuse_scores(global, logits,
+        *fusion)`` is what :meth:`rerank_many` does. ``locore-plugin tune`` searches the fusion on
+        them, scoring each list once. Re-rankers without that step do not implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no fusion step to tune")
+
     @abc.abstractmethod
     def _rerank_many(
         self,

@@ -163,17 +163,20 @@ class PairwiseReranker(TrainableReranker):
                     f"{self.method}: fusion with the global similarity needs global scores or global "
                     f"descriptors, which query(ies) {lacking} lack"
                 )
-        depths = [len(s) if self.top_k is None else min(self.top_k, len(s)) for s in shortlists]
-        heads = [s[:d] for s, d in zip(shortlists, depths)]
-        logits = np.split(self.score_pairs(queries, heads), np.cumsum(depths)[:-1])
         results = []
-        for shortlist, depth, incoming, logit in zip(shortlists, depths, global_scores, logits):
+        for shortlist, incoming, logit in zip(shortlists, global_scores, self.head_logits(queries, shortlists)):
+            depth = len(logit)
             if self.fusion is not None:
                 head = ranked(fuse_scores(incoming[:depth], logit, *self.fusion))
             else:
                 head = ranked(self.scores_from_logits(logit))
             results.append(with_tail(head, incoming, len(shortlist)))
         return results
+
+    def head_logits(self, queries, shortlists):
+        depths = [len(s) if self.top_k is None else min(self.top_k, len(s)) for s in shortlists]
+        heads = [list(s[:d]) for s, d in zip(shortlists, depths)]
+        return np.split(self.score_pairs(list(queries), heads), np.cumsum(depths)[:-1])
 
     def scores_from_logits(self, logits: np.ndarray) -> np.ndarray:
         """The score of a re-ranked item without fusion; the logit itself unless a method reports

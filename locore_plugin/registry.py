@@ -6,11 +6,13 @@ with ``a``'s scores as its global similarities (e.g. ``superglobal+locore-base``
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional, Union
 
 import numpy as np
 
+from locore_plugin.fusion import read_tuned_fusion
 from locore_plugin.interface import ImageReranker, RerankResult
 from locore_plugin.plugins import load_plugins, plugin_distribution
 
@@ -163,7 +165,8 @@ def create_reranker(name: str, stage_options: Optional[dict[str, dict]] = None, 
     """Build the re-ranker registered as ``name`` with ``kwargs`` passed to its factory.
 
     For a chain ``a+b``, ``kwargs`` go to every stage and ``stage_options={"b": {...}}`` adds
-    options for one stage only (e.g. its ``checkpoint``).
+    options for one stage only (e.g. its ``checkpoint``). ``fusion="…/tune.json"`` takes the best
+    (weight, temperature) that ``locore-plugin tune`` chose for this name.
     """
     entries = registered_rerankers()
     parts = name.split(CHAIN_SEPARATOR) if isinstance(name, str) else [name]
@@ -181,6 +184,9 @@ def create_reranker(name: str, stage_options: Optional[dict[str, dict]] = None, 
 
 
 def _build(entry: RegistryEntry, kwargs: dict) -> ImageReranker:
+    fusion = kwargs.get("fusion")
+    if isinstance(fusion, (str, os.PathLike)) and str(fusion).endswith(".json"):  # a `locore-plugin tune` result
+        kwargs = {**kwargs, "fusion": read_tuned_fusion(fusion, entry.name)}
     reranker = entry.factory(**kwargs)
     if not isinstance(reranker, ImageReranker):
         raise TypeError(f"the factory of {entry.name!r} returned {type(reranker).__name__}, not an ImageReranker")

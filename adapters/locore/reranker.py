@@ -165,6 +165,21 @@ class LocoreReranker(TrainableReranker):
                     results[i] = scores[row]
         return results
 
+    def head_logits(self, queries, shortlists):
+        """One window over each shortlist's first ``top_k`` items, which must fit in it: the official
+        tuning scores the top 100 in one pass (a grid over the sliding window would re-run the model
+        at every grid point, since each window's input depends on the fused order before it)."""
+        depths = [min(len(s), self.top_k) for s in shortlists]
+        if max(depths) > self.window:
+            raise ValueError(f"{self.name or 'LoCoRE'}: fusion tuning scores the head in one window of {self.window}; "
+                             f"pass top_k <= {self.window} (got lists of {max(depths)})")
+        logits = []
+        for start in range(0, len(queries), self.batch_size):
+            members = range(start, min(start + self.batch_size, len(queries)))
+            prepared = [self._prepare(queries[i], shortlists[i][: depths[i]], i) for i in members]
+            logits += self.score_windows([(*p, torch.arange(depths[i], device=self.device)) for p, i in zip(prepared, members)])
+        return [np.asarray(l, np.float32) for l in logits]
+
     def _rerank_many(self, queries, shortlists, global_scores) -> list[RerankResult]:
         """Queries run ``batch_size`` at a time, so each sliding step of a chunk is one forward pass
         and only that chunk's descriptors sit on the device."""

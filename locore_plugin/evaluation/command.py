@@ -24,7 +24,8 @@ from locore_plugin.options import SYNTAX, parse_assignment, read_recipe_file
 from .datasets import EvalConfig, EvaluationError, MethodSpec
 from .protocols import JUNK_MODES
 from .report import format_table
-from .runner import run
+from .runner import _weights_chosen, run, untrained_reason
+from .tuning import OFFICIAL_GRID, TuneConfig, format_grid, tune
 
 RECIPE_KEYS = {"datasets", "methods", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc",
                "nn", "device", "dtype", "batch_size", "plots"}
@@ -104,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="dtype for every re-ranker (fp32, bf16, fp16)")
     parser.add_argument("--batch-size", type=int, help="queries per re-ranking call and re-ranker batch size")
     parser.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG scatter plots")
+    parser.add_argument("--fusion-from", action="append", default=[], metavar="TUNE_JSON",
+                        help="use the fusion that `locore-plugin tune` chose (its tune.json) for the method it names "
+                             "(repeatable)")
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -120,7 +124,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     recipe.setdefault("methods", [])
     if "datasets" not in recipe:
         raise EvaluationError("no dataset: give --dataset NAME or a --recipe that lists datasets")
-    apply_options(recipe["methods"], [*args.option, *(checkpoint_option(c) for c in args.checkpoint)])
+    apply_options(recipe["methods"], [*args.option, *(checkpoint_option(c) for c in args.checkpoint),
+                                      *(fusion_option(f) for f in args.fusion_from)])
     try:
         return EvalConfig(**recipe)
     except TypeError as error:
@@ -132,6 +137,15 @@ def checkpoint_option(text: str) -> str:
     if not (sep and name and path):
         raise EvaluationError(f"--checkpoint expects NAME=PATH, got {text!r}")
     return f"{name}.checkpoint={json.dumps(path)}"
+
+
+def fusion_option(path: str) -> str:
+    """``--fusion-from tune.json``: ``METHOD.fusion=tune.json`` for the method the file was tuned for."""
+    try:
+        method = json.loads(Path(path).read_text())["method"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise EvaluationError(f"--fusion-from {path}: not a readable tune.json ({error})") from None
+    return f"{method}.fusion={json.dumps(str(path))}"
 
 
 def guarded(function, args) -> int:
@@ -164,3 +178,59 @@ def main(argv=None) -> int:
     add_arguments(parser)
     return guarded(_run_eval, parser.parse_args(argv))
 
+
+
+# -- locore-plugin tune ---------------------------------------------------------------------------
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reranker", required=True, metavar="NAME", help="registered name of a re-ranker with a fusion step")
+    parser.add_argument("--dataset", required=True, help="tuning dataset under the data root (the paper: GLDv2 public "
+                        "validation, once supported; any revisited-layout folder, e.g. a held-out synthetic world)")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE", help="a factory option (repeatable)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH", help="shorthand for --option NAME.checkpoint=PATH")
+    parser.add_argument("--data-root", help="dataset root (default: $LOCORE_DATA)")
+    parser.add_argument("--out", default="tune_results", help="output folder: tune.json / .md / .png and the logits cache")
+    parser.add_argument("--protocol", default="medium", help="the protocol whose mAP chooses the pair (default medium)")
+    parser.add_argument("--junk", choices=JUNK_MODES, default="remove", help="junk before re-ranking (default remove)")
+    parser.add_argument("--top-k", type=int, default=100, help="images scored per query, in one pass (default 100)")
+    parser.add_argument("--metric", choices=("standard", "truncated"), default="standard")
+    parser.add_argument("--depth", type=int, help="list length for --metric truncated")
+    parser.add_argument("--desc", default="dinov2", help="descriptor name of the files (default dinov2)")
+    parser.add_argument("--nn", help="use the published shortlist nn_NAME.pkl")
+    parser.add_argument("--weights", type=_grid, default=OFFICIAL_GRID, help="comma-separated weights (default 0, 0.1, ..., 1)")
+    parser.add_argument("--temperatures", type=_grid, default=OFFICIAL_GRID, help="comma-separated temperatures (default 0, 0.1, ..., 1)")
+    parser.add_argument("--device", help="device for the re-ranker")
+    parser.add_argument("--dtype", help="dtype for the re-ranker")
+    parser.add_argument("--batch-size", type=int, default=8, help="queries per head_logits call")
+
+
+def _grid(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _run_tune(args) -> None:
+    method = MethodSpec(args.reranker)
+    apply_options([method], [*args.option, *(checkpoint_option(c) for c in args.checkpoint)])
+    reason = untrained_reason(method.name, _weights_chosen(method))
+    if reason is not None:
+        raise EvaluationError(f"{reason}; pass --checkpoint {method.name}=PATH")
+    common = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    result = tune(TuneConfig(method, args.dataset, args.data_root, args.out, args.protocol, args.junk, args.top_k,
+                             args.metric, args.depth, args.desc, args.nn, args.weights, args.temperatures,
+                             args.batch_size, common))
+    print(format_grid(result))
+    print(f"grid, heat map and the chosen fusion in {Path(args.out).resolve()}; evaluate with "
+          f"`locore-plugin eval ... --fusion-from {Path(args.out) / 'tune.json'}`")
+
+
+def add_tune_command(subparsers) -> None:
+    from . import tuning
+
+    parser = subparsers.add_parser("tune", help="choose a re-ranker's fusion (weight, temperature) on a tuning dataset",
+                                   description=tuning.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_tune_arguments(parser)
+    parser.set_defaults(run=lambda args: guarded(_run_tune, args))

@@ -251,6 +251,27 @@ def test_save_pretrained_round_trip(small, tmp_path):
     assert (first.order == second.order).all() and np.array_equal(first.scores, second.scores)
 
 
+def test_head_logits_are_the_one_window_logits_that_reranking_fuses(small):
+    """Fusion tuning scores the head in one window: fusing those logits with any (alpha, T) gives
+    exactly the ranking and scores of re-ranking with that fusion when the head fits one window."""
+    from locore_plugin.fusion import fuse_scores
+
+    rng = np.random.default_rng(4)
+    queries = [random_images(rng, 1)[0] for _ in range(3)]
+    shortlists = [random_images(rng, n) for n in (5, 3, 7)]
+    logits = small(top_k=5).head_logits(queries, shortlists)
+    assert [len(l) for l in logits] == [5, 3, 5]
+    for fusion in ((0.0, 1.0), (0.3, 0.7), (0.9, 0.1)):
+        for q, s, logit in zip(queries, shortlists, logits):
+            result = small(top_k=5, fusion=fusion).rerank(q, s)
+            glob = np.stack([d.global_desc for d in s[: len(logit)]]) @ q.global_desc
+            fused = fuse_scores(glob, logit, *fusion)
+            np.testing.assert_allclose(result.scores[: len(logit)], fused, atol=1e-6)
+            np.testing.assert_array_equal(result.order[: len(logit)], np.argsort(-fused, kind="stable"))
+    with pytest.raises(ValueError, match="top_k <= 5"):
+        small(top_k=7).head_logits(queries, shortlists)
+
+
 def test_official_layout_without_config_takes_dims_from_weights(tmp_path, small_checkpoint):
     from safetensors.torch import save_file
 
