@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shorthand for --option NAME.checkpoint=PATH")
     parser.add_argument("--data-root", help="dataset root (default: $LOCORE_DATA)")
     parser.add_argument("--out", help="output folder (tables, per-query APs, plots, cache); default eval_results")
-    parser.add_argument("--protocols", help="comma-separated: medium,hard,hard* (default all three)")
+    parser.add_argument("--protocols", help="comma-separated: medium,hard,hard* (default all three); GLDv2 datasets "
+                        "(gldv2-test, gldv2-val) always report their own public / private / combined")
     parser.add_argument("--junk", choices=JUNK_MODES, help="junk before re-ranking: keep (revisitop/SuperGlobal) or "
                                                            "remove (DELG/AMES/RRT/LoCoRE code; default)")
     parser.add_argument("--top-k", type=int, help="images re-ranked per query (default 100)")
@@ -185,13 +186,13 @@ def main(argv=None) -> int:
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reranker", required=True, metavar="NAME", help="registered name of a re-ranker with a fusion step")
-    parser.add_argument("--dataset", required=True, help="tuning dataset under the data root (the paper: GLDv2 public "
-                        "validation, once supported; any revisited-layout folder, e.g. a held-out synthetic world)")
+    parser.add_argument("--dataset", default="gldv2-val", help="tuning dataset under the data root (default gldv2-val, "
+                        "the GLDv2 public validation split as the paper; or any revisited-layout folder not reported on)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE", help="a factory option (repeatable)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH", help="shorthand for --option NAME.checkpoint=PATH")
     parser.add_argument("--data-root", help="dataset root (default: $LOCORE_DATA)")
     parser.add_argument("--out", default="tune_results", help="output folder: tune.json / .md / .png and the logits cache")
-    parser.add_argument("--protocol", default="medium", help="the protocol whose mAP chooses the pair (default medium)")
+    parser.add_argument("--protocol", help="the protocol whose mAP chooses the pair (default: medium; GLDv2: public)")
     parser.add_argument("--junk", choices=JUNK_MODES, default="remove", help="junk before re-ranking (default remove)")
     parser.add_argument("--top-k", type=int, default=100, help="images scored per query, in one pass (default 100)")
     parser.add_argument("--metric", choices=("standard", "truncated"), default="standard")

@@ -10,12 +10,12 @@ import numpy as np
 
 from locore_plugin.progress import progress
 
-from .protocols import check_junk_mode, parse_protocols
+from .protocols import DATASET_PROTOCOLS, REVISITED, check_junk_mode, parse_protocols
 
 GLOBAL_ROW = "global"
 KAPPAS = (1, 5, 10)
 SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "roxford5k+1m": "ROxf+1M", "rparis6k+1m": "RPar+1M",
-               "synthetic": "Synth"}
+               "synthetic": "Synth", "gldv2-test": "GLDv2", "gldv2-val": "GLDv2-val"}
 
 
 class EvaluationError(RuntimeError):
@@ -62,7 +62,10 @@ class EvalConfig:
         if not self.datasets:
             raise EvaluationError("no dataset given")
         check_junk_mode(self.junk)
-        parse_protocols(self.protocols)
+        outside = [p.name for p in parse_protocols(self.protocols) if p.name not in REVISITED]
+        if outside:
+            raise EvaluationError(f"protocols {outside} belong to GLDv2 datasets, which are scored under their own; "
+                                  f"`protocols` chooses among {list(REVISITED)} for the revisited datasets")
         if self.metric not in ("standard", "truncated"):
             raise EvaluationError(f"metric must be 'standard' or 'truncated', got {self.metric!r}")
         if self.top_k < 1:
@@ -149,7 +152,8 @@ def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Op
 
     ``metric="standard"`` ranks the whole gallery (exact inner products; a published ``nn_{nn}.pkl``
     shortlist, if named, comes first); ``"truncated"`` uses the top-``depth`` shortlist itself
-    (``nn_{nn}.pkl``, or exact faiss search, cached), as the AMES/LoCoRE code does.
+    (``nn_{nn}.pkl``, or exact faiss search, cached), as the AMES/LoCoRE code does, and so do the
+    GLDv2 datasets always (their metric reads the first 100).
     """
     from locore_plugin.io.descriptors import open_revisited
 
@@ -158,7 +162,7 @@ def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Op
         data = open_revisited(base, desc, root, plus1m=plus1m, num_locals=num_locals)
     except FileNotFoundError as error:
         raise EvaluationError(str(error)) from None
-    if metric == "truncated":
+    if metric == "truncated" or base in DATASET_PROTOCOLS:  # GLDv2 (761,757 index images): the shortlist only
         nn_scores, nn_idx = data.shortlist(depth, nn, cache_dir=cache_dir)
         ranking, scores = nn_idx, nn_scores
     else:

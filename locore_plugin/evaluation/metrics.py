@@ -47,7 +47,8 @@ def revisited_gnd(gnd: Sequence[Mapping], protocol: str) -> list[dict[str, np.nd
     return out
 
 
-def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10), *, truncated: bool = False):
+def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10), *, truncated: bool = False,
+                rectangular: bool = False):
     """revisitop's mAP and mean precision at ``kappas``: returns ``(map, aps, mpr, prs)``.
 
     ``ranks`` is [n, nq]: column q holds query q's 0-based database indices, best first (a full
@@ -59,6 +60,9 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10
     normalised by ``min(len(ok), n)`` (n counted before junk removal), and a query with no positive
     in its list scores AP = 0 and P@k = 0 and still counts. Without it, such a query is an error,
     as in the official code; on full rankings both give identical numbers.
+
+    ``rectangular=True`` scores AP as the mean precision at each positive (``compute_rectangular_ap``
+    of the AMES / ELViS ``utils/revisited.py``, their GLDv2 metric) instead of by trapezoids.
     """
     ranks = _check_ranks(ranks, len(gnd), "compute_map")
     kappas = np.asarray(kappas, dtype=np.int64).reshape(-1)
@@ -88,7 +92,7 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10
         # Junk is deleted from the list: shift each positive up by the junk ranked before it.
         pos = pos - np.searchsorted(np.flatnonzero(np.isin(column, junk)), pos)
         nres = min(ok.size, n) if truncated else ok.size
-        aps[q] = _trapezoidal_ap(pos, nres)
+        aps[q] = _rectangular_ap(pos, nres) if rectangular else _trapezoidal_ap(pos, nres)
         pos1 = pos + 1
         kq = np.minimum(pos1.max(), kappas)
         prs[q] = (pos1[None, :] <= kq[:, None]).sum(1) / kq
@@ -98,6 +102,11 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10
     mean_ap = float(aps[~empty].sum() / counted)
     mpr = prs[~empty].sum(0) / counted
     return mean_ap, aps, mpr, prs
+
+
+def _rectangular_ap(pos: np.ndarray, nres: int) -> float:
+    """Sum of the precision at each positive over ``nres``; ``pos`` are junk-free 0-based positions."""
+    return float(((np.arange(pos.size) + 1.0) / (pos + 1.0)).sum() / nres)
 
 
 def _trapezoidal_ap(pos: np.ndarray, nres: int) -> float:

@@ -33,30 +33,68 @@ from .metrics import revisited_gnd
 JUNK_MODES = ("keep", "remove")
 
 
+GLDV2 = "gldv2"  # the scoring of the GLDv2 retrieval protocols
+GLDV2_PRIVATE_QUERIES = 750  # the last 750 test queries form the private split (AMES / ELViS utils/revisited.py)
+GLDV2_MAP_DEPTH = 100  # their map_k: the first 100 of each ranking are scored
+
+
 @dataclass(frozen=True)
 class Protocol:
-    name: str  # "medium", "hard" or "hard*"
+    name: str  # "medium", "hard", "hard*"; GLDv2: "public", "private", "combined"
     label: str  # table column header
-    scoring: str  # the revisitop protocol that scores it (metrics.revisited_gnd)
+    scoring: str  # the revisitop protocol that scores it (metrics.revisited_gnd), or GLDV2
     easy_leaves: bool  # easy images leave the database before the shortlist is built
 
     def removed_keys(self, junk: str) -> tuple[str, ...]:
         """The ground-truth lists whose images leave the shortlist under junk mode ``junk``.
 
         Protocols with equal keys see identical shortlists, so one re-ranking serves them all
-        (Medium and Hard always do)."""
+        (Medium and Hard always do). GLDv2 has no junk: nothing leaves (as in the official code)."""
         check_junk_mode(junk)
+        if self.scoring == GLDV2:
+            return ()
         return (("junk",) if junk == "remove" else ()) + (("easy",) if self.easy_leaves else ())
 
     def scoring_gnd(self, gnd: Sequence[Mapping]) -> list[dict[str, np.ndarray]]:
         """Per-query ``ok``/``junk`` arrays for :func:`locore_plugin.evaluation.metrics.compute_map`."""
+        if self.scoring == GLDV2:
+            missing = [q for q, entry in enumerate(gnd) if "ok" not in entry]
+            if missing:
+                raise KeyError(f"GLDv2 gnd entries {missing[:5]} lack 'ok' (has {sorted(gnd[missing[0]])})")
+            return [{"ok": np.asarray(e["ok"], np.int64).ravel(), "junk": np.asarray(e.get("junk", ()), np.int64).ravel()}
+                    for e in gnd]
         return revisited_gnd(gnd, self.scoring)
 
 
 MEDIUM = Protocol("medium", "Medium", "medium", easy_leaves=False)
 HARD = Protocol("hard", "Hard", "hard", easy_leaves=False)
 HARD_STAR = Protocol("hard*", "Hard*", "hard", easy_leaves=True)
-PROTOCOLS = {p.name: p for p in (MEDIUM, HARD, HARD_STAR)}
+# GLDv2 retrieval: rectangular AP on the first 100, over the public queries (all but the last 750),
+# the private ones (the last 750) or all of them.
+PUBLIC = Protocol("public", "Public", GLDV2, easy_leaves=False)
+PRIVATE = Protocol("private", "Private", GLDV2, easy_leaves=False)
+COMBINED = Protocol("combined", "Combined", GLDV2, easy_leaves=False)
+PROTOCOLS = {p.name: p for p in (MEDIUM, HARD, HARD_STAR, PUBLIC, PRIVATE, COMBINED)}
+REVISITED = ("medium", "hard", "hard*")
+# Datasets with protocols of their own (the official GLDv2 layout): the `protocols` option of an
+# evaluation is for the revisited datasets.
+DATASET_PROTOCOLS = {"gldv2-test": ("public", "private", "combined"), "gldv2-val": ("public",)}
+
+
+def dataset_protocols(dataset: str, requested) -> list["Protocol"]:
+    """The protocols ``dataset`` is scored under: its own (GLDv2), else the ``requested`` ones."""
+    return parse_protocols(DATASET_PROTOCOLS.get(dataset, requested))
+
+
+def query_rows(protocol: "Protocol", num_queries: int, dataset: str) -> np.ndarray:
+    """The queries a protocol averages over: GLDv2 test splits its queries into public (all but the
+    last 750) and private; ``gldv2-val`` holds the public queries only."""
+    if protocol.scoring != GLDV2 or protocol.name == "combined" or dataset == "gldv2-val":
+        return np.arange(num_queries)
+    if num_queries <= GLDV2_PRIVATE_QUERIES:
+        raise ValueError(f"{dataset}: {num_queries} queries, but the GLDv2 private split alone is the last {GLDV2_PRIVATE_QUERIES}")
+    split = num_queries - GLDV2_PRIVATE_QUERIES
+    return np.arange(split) if protocol.name == "public" else np.arange(split, num_queries)
 _ALIASES = {"m": "medium", "h": "hard", "h*": "hard*", "hardstar": "hard*", "hard-star": "hard*"}
 
 
@@ -65,7 +103,8 @@ def get_protocol(name: str) -> Protocol:
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     if key not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; expected one of {list(PROTOCOLS)} (or M, H, H*)")
+        raise ValueError(f"unknown protocol {name!r}; expected one of {list(REVISITED)} (or M, H, H*), or GLDv2's "
+                         "public / private / combined")
     return PROTOCOLS[key]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from locore_plugin.io.atomic import atomic_write
 
 from .datasets import GLOBAL_ROW, SHORT_NAMES
-from .protocols import get_protocol
+from .protocols import DATASET_PROTOCOLS, get_protocol
 
 
 def _slug(text: str) -> str:
@@ -19,7 +19,12 @@ def _slug(text: str) -> str:
 
 
 def _columns(report: dict) -> list[tuple[str, str]]:
-    return [(d, p) for d in report["settings"]["datasets"] for p in report["settings"]["protocols"]]
+    """(dataset, protocol) per column: each dataset's own protocols (GLDv2 has public / private / combined)."""
+    return [(d, p) for d in report["settings"]["datasets"] for p in _protocols(report, d)]
+
+
+def _protocols(report: dict, dataset: str) -> list[str]:
+    return report["settings"].get("columns", {}).get(dataset, report["settings"]["protocols"])
 
 
 def _header(dataset: str, protocol: str) -> str:
@@ -42,6 +47,8 @@ def format_table(report: dict) -> str:
     s = report["settings"]
     note = (f"mAP (%), revisitop {'truncated top-K (AMES/LoCoRE code)' if s['metric'] == 'truncated' else 'standard'} "
             f"metric; top-{s['top_k']} re-ranked; junk: {s['junk']}")
+    if any(d in DATASET_PROTOCOLS for d in s["datasets"]):
+        note += "; GLDv2: rectangular AP on the first 100 (AMES / ELViS code)"
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
@@ -103,7 +110,7 @@ def write_plots(report: dict, folder: Path, fresh=None) -> list[Path]:
     pairs += [(a, b) for i, a in enumerate(rows) for b in rows[i + 1 :] if GLOBAL_ROW not in (a, b)]
     written = []
     for dataset in report["settings"]["datasets"]:
-        protocols = report["settings"]["protocols"]
+        protocols = _protocols(report, dataset)
         for a, b in pairs:
             ra, rb = report["results"][a].get(dataset), report["results"][b].get(dataset)
             path = folder / f"{_slug(dataset)}__{_slug(a)}__vs__{_slug(b)}.png"

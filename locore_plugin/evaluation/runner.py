@@ -13,7 +13,7 @@ from locore_plugin.io.atomic import atomic_write, set_aside
 from locore_plugin.progress import progress
 
 from .datasets import GLOBAL_ROW, KAPPAS, EvalConfig, EvaluationError, MethodSpec, load_dataset, resolve_data_root
-from .protocols import parse_protocols
+from .protocols import dataset_protocols, parse_protocols
 from .report import _slug, write_outputs
 from .scoring import DatasetEvaluation
 
@@ -137,7 +137,8 @@ def run(config: EvalConfig, log=print) -> dict:
             cache.put(keys[m.row], scores)
             results[m.row][dataset] = scores
             fresh.add((m.row, dataset))
-    report = {"settings": {**settings, "datasets": list(config.datasets)}, "results": results}
+    columns = {d: [p.name for p in dataset_protocols(d, config.protocols)] for d in config.datasets}
+    report = {"settings": {**settings, "datasets": list(config.datasets), "columns": columns}, "results": results}
     write_outputs(report, out, plots=config.plots, fresh=fresh)
     return report
 

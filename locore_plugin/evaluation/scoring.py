@@ -8,7 +8,7 @@ from locore_plugin.progress import progress
 
 from .datasets import KAPPAS, EvalData, EvaluationError
 from .metrics import compute_map
-from .protocols import Protocol, parse_protocols, prepare_ranking
+from .protocols import GLDV2, GLDV2_MAP_DEPTH, Protocol, dataset_protocols, prepare_ranking, query_rows
 
 
 def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, batch_size: int = 8, desc: str = ""):
@@ -36,9 +36,18 @@ def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, ba
     return out
 
 
-def score_ranking(ranking: np.ndarray, gnd, protocol: Protocol, metric: str = "standard", kappas=KAPPAS) -> dict:
-    """mAP, mP@k and per-query AP of rankings [nq, n] under ``protocol`` (fractions, not x100)."""
-    mean_ap, aps, mpr, _ = compute_map(ranking.T, protocol.scoring_gnd(gnd), kappas, truncated=metric == "truncated")
+def score_ranking(ranking: np.ndarray, gnd, protocol: Protocol, metric: str = "standard", kappas=KAPPAS,
+                  dataset: str = "") -> dict:
+    """mAP, mP@k and per-query AP of rankings [nq, n] under ``protocol`` (fractions, not x100).
+
+    GLDv2 protocols score, as the AMES / ELViS ``compute_metrics``, the first 100 of each ranking by
+    rectangular AP (normalised by min(positives, 100); no positive there: AP 0), over their queries."""
+    if protocol.scoring == GLDV2:
+        rows = query_rows(protocol, len(gnd), dataset)
+        scoring = protocol.scoring_gnd([gnd[q] for q in rows])
+        mean_ap, aps, mpr, _ = compute_map(ranking[rows, :GLDV2_MAP_DEPTH].T, scoring, kappas, truncated=True, rectangular=True)
+    else:
+        mean_ap, aps, mpr, _ = compute_map(ranking.T, protocol.scoring_gnd(gnd), kappas, truncated=metric == "truncated")
     return {"mAP": float(mean_ap), "mP@k": [float(v) for v in mpr], "aps": [None if np.isnan(a) else float(a) for a in aps]}
 
 
@@ -52,7 +61,7 @@ class DatasetEvaluation:
         self.data, self.metric, self.kappas = data, metric, kappas
         self.groups = []  # (protocols, ranking, aligned scores, images per query that may be shortlisted)
         by_rule: dict[tuple, list[Protocol]] = {}
-        for p in parse_protocols(protocols):
+        for p in dataset_protocols(data.name, protocols):
             by_rule.setdefault(p.removed_keys(junk), []).append(p)
         for members in by_rule.values():
             order, kept = prepare_ranking(data.ranking, data.gnd, members[0], junk)
@@ -70,5 +79,5 @@ class DatasetEvaluation:
                 desc=f"{label} on {self.data.name} ({'/'.join(p.label for p in members)})",
             )
             for p in members:
-                out[p.name] = score_ranking(final, self.data.gnd, p, self.metric, self.kappas)
+                out[p.name] = score_ranking(final, self.data.gnd, p, self.metric, self.kappas, self.data.name)
         return out

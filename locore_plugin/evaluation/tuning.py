@@ -25,7 +25,7 @@ from locore_plugin.io.atomic import atomic_write
 from locore_plugin.progress import progress
 
 from .datasets import EvaluationError, MethodSpec, load_dataset, resolve_data_root
-from .protocols import get_protocol
+from .protocols import DATASET_PROTOCOLS, REVISITED, get_protocol
 from .runner import _jsonable, _path_stamp, dataset_fingerprint
 from .scoring import DatasetEvaluation, score_ranking
 
@@ -38,7 +38,7 @@ class TuneConfig:
     dataset: str
     data_root: Optional[str] = None
     out: str = "tune_results"
-    protocol: str = "medium"
+    protocol: Optional[str] = None  # default: the dataset's first protocol (medium; GLDv2: public)
     junk: str = "remove"
     top_k: int = 100
     metric: str = "standard"
@@ -63,7 +63,8 @@ def grid_maps(evaluation: DatasetEvaluation, protocol: str, logits: list, weight
             for q, logit in enumerate(logits):
                 d = len(logit)
                 final[q, :d] = ranking[q, :d][ranked(fuse_scores(scores[q, :d], logit, float(w), float(t))).order]
-            maps[i, j] = score_ranking(final, evaluation.data.gnd, protocol, evaluation.metric, evaluation.kappas)["mAP"]
+            maps[i, j] = score_ranking(final, evaluation.data.gnd, protocol, evaluation.metric, evaluation.kappas,
+                                       evaluation.data.name)["mAP"]
     return maps
 
 
@@ -101,6 +102,13 @@ def tune(config: TuneConfig, log=print) -> dict:
     if any(not 0.0 <= float(w) <= 1.0 for w in config.weights):
         raise EvaluationError(f"fusion weights must lie in [0, 1], got {list(config.weights)}")
     spec = config.method
+    allowed = DATASET_PROTOCOLS.get(config.dataset, REVISITED)
+    try:
+        protocol = get_protocol(config.protocol or allowed[0]).name
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
+    if protocol not in allowed:
+        raise EvaluationError(f"{config.dataset} is scored under {list(allowed)}, not {protocol!r}")
     try:
         reranker = create_reranker(spec.name, **config.common, **spec.options)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
@@ -111,30 +119,30 @@ def tune(config: TuneConfig, log=print) -> dict:
     out = Path(config.out)
     key = _jsonable({
         "method": spec.name, "options": _path_stamp(spec.options), "common": config.common, "dataset": config.dataset,
-        "fingerprint": dataset_fingerprint(root, config.dataset, config.desc), "protocol": config.protocol,
+        "fingerprint": dataset_fingerprint(root, config.dataset, config.desc), "protocol": protocol,
         "junk": config.junk, "top_k": config.top_k, "metric": config.metric, "depth": config.depth, "desc": config.desc,
         "nn": config.nn,
     })
     cache = out / "cache" / f"logits-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.npz"
     data = load_dataset(root, config.dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache")
-    evaluation = DatasetEvaluation(data, [config.protocol], config.junk, config.metric)
+    evaluation = DatasetEvaluation(data, [protocol], config.junk, config.metric)
     if cache.is_file():
         with np.load(cache) as stored:
             logits = np.split(stored["logits"], np.cumsum(stored["depths"])[:-1])
         log(f"{spec.name}: logits read from {cache}")
     else:
         try:
-            logits = head_logits(reranker, evaluation, config.protocol, config.top_k, config.batch_size)
+            logits = head_logits(reranker, evaluation, protocol, config.top_k, config.batch_size)
         except ValueError as error:
             raise EvaluationError(str(error)) from error
         buffer = io.BytesIO()
         np.savez(buffer, logits=np.concatenate(logits), depths=np.array([len(l) for l in logits]))
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache, buffer.getvalue())
-    maps = grid_maps(evaluation, config.protocol, logits, config.weights, config.temperatures)
+    maps = grid_maps(evaluation, protocol, logits, config.weights, config.temperatures)
     best = np.unravel_index(np.argmax(maps), maps.shape)  # the first best in row-major order on ties
     result = {
-        "method": spec.name, "dataset": config.dataset, "protocol": config.protocol, "metric": config.metric,
+        "method": spec.name, "dataset": config.dataset, "protocol": protocol, "metric": config.metric,
         "top_k": config.top_k, "weights": [float(w) for w in config.weights],
         "temperatures": [float(t) for t in config.temperatures], "mAP": (100 * maps).round(4).tolist(),
         "best": {"fusion": [float(config.weights[best[0]]), float(config.temperatures[best[1]])],

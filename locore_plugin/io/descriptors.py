@@ -409,6 +409,12 @@ class RevisitedData:
         self.close()
 
 
+# Datasets whose ground truth is another file of the official layout, and the part of it they
+# hold: the GLDv2 public validation split shares gnd_gldv2-test.pkl and is its public queries (all
+# but the last 750, AMES / ELViS conf/dataset/gldv2-val.yaml and utils/revisited.py).
+SHARED_GND = {"gldv2-val": ("gnd_gldv2-test.pkl", slice(0, -750))}
+
+
 def open_revisited(dataset: str, desc: str, root=None, plus1m: bool = False, num_locals: Optional[int] = None,
                    with_local: bool = True, with_global: bool = True) -> RevisitedData:
     """Open ``{root}/{dataset}`` (``gnd_{dataset}.pkl`` and the ``{desc}_*`` files) lazily.
@@ -419,16 +425,17 @@ def open_revisited(dataset: str, desc: str, root=None, plus1m: bool = False, num
         raise ValueError("open at least the local or the global descriptors")
     root = data_root(root)
     directory = root / dataset
-    info = read_pickle(directory / f"gnd_{dataset}.pkl")
+    gnd_name, rows = SHARED_GND.get(dataset, (f"gnd_{dataset}.pkl", slice(None)))
+    info = read_pickle(directory / gnd_name)
     if not isinstance(info, dict) or "gnd" not in info:
-        raise ValueError(f"{directory / f'gnd_{dataset}.pkl'}: expected a dict with 'gnd'")
-    gnd = info["gnd"]
+        raise ValueError(f"{directory / gnd_name}: expected a dict with 'gnd'")
+    gnd = list(info["gnd"])[rows]
 
     def part(folder, split):
         local, glob = descriptor_paths(folder, desc, split)
         return (_require(local) if with_local else None, _require(glob) if with_global else None)
 
-    nq = len(info.get("qimlist", gnd))
+    nq = len(gnd) if rows != slice(None) else len(info.get("qimlist", gnd))
     ndb = len(info["imlist"]) if "imlist" in info else None
     queries = DescriptorSet([part(directory, "query")], [nq], num_locals)
     gallery_parts, sizes = [part(directory, "gallery")], [ndb]
