@@ -24,7 +24,7 @@ from locore_plugin.options import SYNTAX, parse_assignment, read_recipe_file
 from .datasets import EvalConfig, EvaluationError, MethodSpec
 from .protocols import JUNK_MODES
 from .report import format_table
-from .runner import _weights_chosen, run, untrained_reason
+from .runner import run, untrained_reason, weights_chosen
 from .tuning import OFFICIAL_GRID, TuneConfig, format_grid, tune
 
 RECIPE_KEYS = {"datasets", "methods", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc",
@@ -216,7 +216,7 @@ def _grid(text: str) -> tuple:
 def _run_tune(args) -> None:
     method = MethodSpec(args.reranker)
     apply_options([method], [*args.option, *(checkpoint_option(c) for c in args.checkpoint)])
-    reason = untrained_reason(method.name, _weights_chosen(method))
+    reason = untrained_reason(method.name, weights_chosen(method))
     if reason is not None:
         raise EvaluationError(f"{reason}; pass --checkpoint {method.name}=PATH")
     common = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}

@@ -18,15 +18,15 @@ from .report import _slug, write_outputs
 from .scoring import DatasetEvaluation
 
 
-def _jsonable(value):
+def jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _path_stamp(value):
+def path_stamp(value):
     """Options that name existing files or folders (checkpoints) enter the cache key with their
     sizes and modification times, so a retrained checkpoint is re-evaluated."""
     if isinstance(value, dict):
-        return {k: _path_stamp(v) for k, v in sorted(value.items())}
+        return {k: path_stamp(v) for k, v in sorted(value.items())}
     if isinstance(value, str) and value and os.path.exists(value):
         path = Path(value)
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -61,7 +61,7 @@ class ResultCache:
             return None
         try:
             entry = json.loads(path.read_text())
-            return entry["scores"] if entry.get("key") == _jsonable(key) else None
+            return entry["scores"] if entry.get("key") == jsonable(key) else None
         except (ValueError, KeyError, TypeError, AttributeError) as error:  # truncated or foreign JSON
             set_aside(path, error)
             return None
@@ -89,7 +89,7 @@ def run(config: EvalConfig, log=print) -> dict:
     for m in config.methods:
         if not is_reranker_name(m.name):
             _create(create_reranker, m, {})  # raises before any work, naming close matches
-        reason = untrained_reason(m.name, _weights_chosen(m))
+        reason = untrained_reason(m.name, weights_chosen(m))
         if reason is not None:  # never report random weights as if they were a method's numbers
             raise EvaluationError(f"{m.row}: {reason}; pass --checkpoint NAME=PATH (or --option "
                                   "NAME.pretrained=false to measure random weights on purpose)")
@@ -106,9 +106,9 @@ def run(config: EvalConfig, log=print) -> dict:
     for dataset in config.datasets:
         fingerprint = dataset_fingerprint(root, dataset, config.desc)
         keys = {
-            m.row: _jsonable({
-                "row": m.row, "method": m.name, "options": _path_stamp(m.options),
-                "stage_options": _path_stamp(m.stage_options), "common": common if m.name != GLOBAL_ROW else {},
+            m.row: jsonable({
+                "row": m.row, "method": m.name, "options": path_stamp(m.options),
+                "stage_options": path_stamp(m.stage_options), "common": common if m.name != GLOBAL_ROW else {},
                 "dataset": dataset, "fingerprint": fingerprint,
                 **{k: v for k, v in settings.items() if m.name != GLOBAL_ROW or k != "top_k"},  # nothing re-ranked
             })
@@ -152,7 +152,7 @@ def _create(create_reranker, spec: MethodSpec, common: dict):
         raise EvaluationError(f"cannot build re-ranker {spec.row!r} ({spec.name}): {error}") from error
 
 
-def _weights_chosen(spec: MethodSpec) -> list[str]:
+def weights_chosen(spec: MethodSpec) -> list[str]:
     """``NAME=`` for each stage whose weights the user chose: a checkpoint, or ``pretrained=False`` on purpose."""
     chosen = []
     for part in spec.name.split("+"):

@@ -26,7 +26,7 @@ from locore_plugin.progress import progress
 
 from .datasets import EvaluationError, MethodSpec, load_dataset, resolve_data_root
 from .protocols import DATASET_PROTOCOLS, REVISITED, get_protocol
-from .runner import _jsonable, _path_stamp, dataset_fingerprint
+from .runner import dataset_fingerprint, jsonable, path_stamp
 from .scoring import DatasetEvaluation, score_ranking
 
 OFFICIAL_GRID = tuple(round(v, 10) for v in np.linspace(0.0, 1.0, 11))  # eval_revisitop.py / AMES: alpha and T
@@ -117,8 +117,8 @@ def tune(config: TuneConfig, log=print) -> dict:
         raise EvaluationError(f"{spec.name} has no fusion step to tune (it does not implement head_logits)")
     root = resolve_data_root(config.data_root)
     out = Path(config.out)
-    key = _jsonable({
-        "method": spec.name, "options": _path_stamp(spec.options), "common": config.common, "dataset": config.dataset,
+    key = jsonable({
+        "method": spec.name, "options": path_stamp(spec.options), "common": config.common, "dataset": config.dataset,
         "fingerprint": dataset_fingerprint(root, config.dataset, config.desc), "protocol": protocol,
         "junk": config.junk, "top_k": config.top_k, "metric": config.metric, "depth": config.depth, "desc": config.desc,
         "nn": config.nn,

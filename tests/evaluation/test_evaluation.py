@@ -12,7 +12,7 @@ from locore_plugin import evaluation
 from locore_plugin.data import synthetic
 from locore_plugin.evaluation import EvalConfig, MethodSpec, full_ranking, runner
 from locore_plugin.evaluation.metrics import compute_map, revisited_gnd
-from locore_plugin.evaluation.runner import _weights_chosen
+from locore_plugin.evaluation.runner import weights_chosen
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -210,5 +210,5 @@ def test_eval_refuses_learned_rerankers_without_chosen_weights(data_root, tmp_pa
             evaluation.run(_config(data_root, tmp_path, methods=[spec]), log=lambda *a: None)
     # a checkpoint, or random weights asked for on purpose, is the user's choice
     chosen = MethodSpec("superglobal+locore-tiny", stage_options={"locore-tiny": {"pretrained": False}})
-    assert _weights_chosen(chosen) == ["locore-tiny="]
-    assert _weights_chosen(MethodSpec("locore-tiny", options={"checkpoint": "x"})) == ["locore-tiny="]
+    assert weights_chosen(chosen) == ["locore-tiny="]
+    assert weights_chosen(MethodSpec("locore-tiny", options={"checkpoint": "x"})) == ["locore-tiny="]
