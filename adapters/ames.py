@@ -145,7 +145,9 @@ def read_itq(source: Union[str, Path], local_dim: int, bits: int) -> torch.Tenso
         reader = LocalReader(path)
         try:
             rng = np.random.default_rng(0)
-            rows = np.sort(rng.choice(len(reader), min(len(reader), ITQ_SAMPLES), replace=False))
+            # enough images for ITQ_SAMPLES locals, not ITQ_SAMPLES images (GLDv2: 700 x 768 floats each)
+            images = min(len(reader), -(-ITQ_SAMPLES // max(reader.topk, 1)))
+            rows = np.sort(rng.choice(len(reader), images, replace=False))
             block = reader.read(rows)
         finally:
             reader.close()

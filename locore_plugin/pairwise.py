@@ -232,7 +232,7 @@ class PairwiseReranker(TrainableReranker):
         raise NotImplementedError(f"{self.method} does not expose its token states, so it cannot be distilled")
 
     def _training_pairs(self, queries, shortlists, labels):
-        """The batch's sampled pairs as model inputs: (query, item, target, lengths, empty)."""
+        """The batch's sampled pairs as model inputs: (query, item, target, (list index, items), empty)."""
         if not (len(queries) == len(shortlists) == len(labels)):
             raise ValueError(f"{len(queries)} queries, {len(shortlists)} shortlists, {len(labels)} label arrays")
         labels = [np.asarray(l) for l in labels]
@@ -291,6 +291,7 @@ class PairwiseReranker(TrainableReranker):
         if empty:
             return (logits.float().sum() + distance) * 0.0
         return F.binary_cross_entropy_with_logits(logits.float(), target) + weight * distance
+
 
 def architecture(
     name: str,
