@@ -28,7 +28,7 @@ from .runner import run, untrained_reason, weights_chosen
 from .tuning import OFFICIAL_GRID, TuneConfig, format_grid, tune
 
 RECIPE_KEYS = {"datasets", "methods", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc",
-               "nn", "device", "dtype", "batch_size", "plots"}
+               "nn", "device", "dtype", "batch_size", "plots", "baseline"}
 
 
 def read_recipe(path) -> dict:
@@ -106,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="dtype for every re-ranker (fp32, bf16, fp16)")
     parser.add_argument("--batch-size", type=int, help="queries per re-ranking call and re-ranker batch size")
     parser.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG scatter plots")
+    parser.add_argument("--baseline", metavar="ROW", help="the row every other row is tested against: paired "
+                        "randomization p and bootstrap interval of the mAP difference (default: global)")
     parser.add_argument("--fusion-from", action="append", default=[], metavar="TUNE_JSON",
                         help="use the fusion that `locore-plugin tune` chose (its tune.json) for the method it names "
                              "(repeatable)")
@@ -116,7 +118,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if args.rerankers:
         recipe["methods"] = [MethodSpec(name) for name in args.rerankers]
     for key in ("datasets", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc", "nn",
-                "device", "dtype", "batch_size", "plots"):
+                "device", "dtype", "batch_size", "plots", "baseline"):
         value = getattr(args, key)
         if value is not None:
             recipe[key] = value

@@ -57,6 +57,7 @@ class EvalConfig:
     dtype: Optional[str] = None
     batch_size: Optional[int] = None
     plots: bool = True
+    baseline: str = GLOBAL_ROW  # the row every other row is tested against (paired, per query)
 
     def validate(self) -> None:
         if not self.datasets:
@@ -73,6 +74,8 @@ class EvalConfig:
         rows = [m.row for m in self.methods]
         if GLOBAL_ROW in rows or len(set(rows)) != len(rows):
             raise EvaluationError(f"method rows must be unique and not {GLOBAL_ROW!r}: {rows}")
+        if self.baseline not in (GLOBAL_ROW, *rows):
+            raise EvaluationError(f"baseline {self.baseline!r} is not a row of this evaluation: {[GLOBAL_ROW, *rows]}")
 
 
 def resolve_data_root(data_root: Optional[str]) -> Path:

@@ -14,8 +14,12 @@ from locore_plugin.progress import progress
 
 from .datasets import GLOBAL_ROW, KAPPAS, EvalConfig, EvaluationError, MethodSpec, load_dataset, resolve_data_root
 from .protocols import dataset_protocols, parse_protocols
-from .report import _slug, write_outputs
+from .report import _slug, compare_rows, write_outputs
 from .scoring import DatasetEvaluation
+
+# Bumped when what a cached result holds changes (2: per-query shortlist positives), so older
+# entries are recomputed rather than read without it.
+RESULT_FORMAT = 2
 
 
 def jsonable(value):
@@ -81,7 +85,8 @@ def _settings(config: EvalConfig) -> dict:
 def run(config: EvalConfig, log=print) -> dict:
     """Evaluate every method on every dataset (cached), write the tables and plots, return the results.
 
-    Returns ``{"settings": ..., "results": {row: {dataset: {protocol: {mAP, mP@k, aps}}}}}``.
+    Returns ``{"settings": ..., "results": {row: {dataset: {protocol: {mAP, mP@k, aps,
+    shortlist_positives}}}}, "comparisons": {row: {dataset: {protocol: paired test vs the baseline}}}}``.
     """
     from locore_plugin.registry import create_reranker, is_reranker_name
 
@@ -107,7 +112,7 @@ def run(config: EvalConfig, log=print) -> dict:
         fingerprint = dataset_fingerprint(root, dataset, config.desc)
         keys = {
             m.row: jsonable({
-                "row": m.row, "method": m.name, "options": path_stamp(m.options),
+                "format": RESULT_FORMAT, "row": m.row, "method": m.name, "options": path_stamp(m.options),
                 "stage_options": path_stamp(m.stage_options), "common": common if m.name != GLOBAL_ROW else {},
                 "dataset": dataset, "fingerprint": fingerprint,
                 **{k: v for k, v in settings.items() if m.name != GLOBAL_ROW or k != "top_k"},  # nothing re-ranked
@@ -138,7 +143,9 @@ def run(config: EvalConfig, log=print) -> dict:
             results[m.row][dataset] = scores
             fresh.add((m.row, dataset))
     columns = {d: [p.name for p in dataset_protocols(d, config.protocols)] for d in config.datasets}
-    report = {"settings": {**settings, "datasets": list(config.datasets), "columns": columns}, "results": results}
+    report = {"settings": {**settings, "datasets": list(config.datasets), "columns": columns, "baseline": config.baseline},
+              "results": results}
+    report["comparisons"] = compare_rows(report, config.baseline)
     write_outputs(report, out, plots=config.plots, fresh=fresh)
     return report
 

@@ -37,18 +37,26 @@ def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, ba
 
 
 def score_ranking(ranking: np.ndarray, gnd, protocol: Protocol, metric: str = "standard", kappas=KAPPAS,
-                  dataset: str = "") -> dict:
+                  dataset: str = "", head=None) -> dict:
     """mAP, mP@k and per-query AP of rankings [nq, n] under ``protocol`` (fractions, not x100).
 
     GLDv2 protocols score, as the AMES / ELViS ``compute_metrics``, the first 100 of each ranking by
-    rectangular AP (normalised by min(positives, 100); no positive there: AP 0), over their queries."""
+    rectangular AP (normalised by min(positives, 100); no positive there: AP 0), over their queries.
+
+    ``head`` (images re-ranked per query) adds ``shortlist_positives``: the protocol's positives
+    among them, per scored query, the colouring of the supplementary's Figure A."""
+    rows = query_rows(protocol, len(gnd), dataset) if protocol.scoring == GLDV2 else np.arange(len(gnd))
+    scoring = protocol.scoring_gnd([gnd[q] for q in rows])
     if protocol.scoring == GLDV2:
-        rows = query_rows(protocol, len(gnd), dataset)
-        scoring = protocol.scoring_gnd([gnd[q] for q in rows])
         mean_ap, aps, mpr, _ = compute_map(ranking[rows, :GLDV2_MAP_DEPTH].T, scoring, kappas, truncated=True, rectangular=True)
     else:
-        mean_ap, aps, mpr, _ = compute_map(ranking.T, protocol.scoring_gnd(gnd), kappas, truncated=metric == "truncated")
-    return {"mAP": float(mean_ap), "mP@k": [float(v) for v in mpr], "aps": [None if np.isnan(a) else float(a) for a in aps]}
+        mean_ap, aps, mpr, _ = compute_map(ranking.T, scoring, kappas, truncated=metric == "truncated")
+    out = {"mAP": float(mean_ap), "mP@k": [float(v) for v in mpr], "aps": [None if np.isnan(a) else float(a) for a in aps]}
+    if head is not None:
+        out["shortlist_positives"] = [
+            int(np.isin(ranking[q, : int(head[q])], entry["ok"]).sum()) for q, entry in zip(rows, scoring)
+        ]
+    return out
 
 
 class DatasetEvaluation:
@@ -78,6 +86,7 @@ class DatasetEvaluation:
                 reranker, self.data.queries, self.data.gallery, ranking, scores, kept, top_k, batch_size,
                 desc=f"{label} on {self.data.name} ({'/'.join(p.label for p in members)})",
             )
+            head = None if reranker is None else np.minimum(top_k, kept)
             for p in members:
-                out[p.name] = score_ranking(final, self.data.gnd, p, self.metric, self.kappas, self.data.name)
+                out[p.name] = score_ranking(final, self.data.gnd, p, self.metric, self.kappas, self.data.name, head)
         return out

@@ -71,13 +71,15 @@ def test_tables_follow_the_supplementary_table_b_layout(data_root, tmp_path):
         assert cells == expected
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["method", "Synth Medium", "Synth Hard", "Synth Hard*"] and [r[0] for r in rows[1:]] == ["global", "superglobal"]
+    assert rows[0][:4] == ["method", "Synth Medium", "Synth Hard", "Synth Hard*"] and [r[0] for r in rows[1:]] == ["global", "superglobal"]
+    assert rows[0][4:8] == [f"Synth Medium {k} vs global" for k in ("diff", "ci low", "ci high", "p")]
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["settings"]["junk"] == "remove" and set(summary["results"]["superglobal"]["synthetic"]) == {"medium", "hard", "hard*"}
     with open(tmp_path / "per_query_ap.csv") as f:
         per_query = list(csv.DictReader(f))
     nq = len(synthetic.generate(0, "tiny").query_global)
-    assert len(per_query) == 3 * nq and set(per_query[0]) == {"dataset", "protocol", "query", "global", "superglobal"}
+    assert len(per_query) == 3 * nq
+    assert set(per_query[0]) == {"dataset", "protocol", "query", "positives_in_shortlist", "global", "superglobal"}
     aps = [float(r["superglobal"]) for r in per_query if r["protocol"] == "medium"]
     assert np.mean(aps) == pytest.approx(report["results"]["superglobal"]["synthetic"]["medium"]["mAP"])
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
@@ -212,3 +214,44 @@ def test_eval_refuses_learned_rerankers_without_chosen_weights(data_root, tmp_pa
     chosen = MethodSpec("superglobal+locore-tiny", stage_options={"locore-tiny": {"pretrained": False}})
     assert weights_chosen(chosen) == ["locore-tiny="]
     assert weights_chosen(MethodSpec("locore-tiny", options={"checkpoint": "x"})) == ["locore-tiny="]
+
+
+def test_figure_a_counts_the_positives_each_query_had_in_its_re_ranked_shortlist(data_root, tmp_path):
+    report = evaluation.run(_config(data_root, tmp_path, top_k=3), log=lambda *a: None)
+    data = synthetic.generate(0, "tiny")
+    ranks = np.argsort(-(data.query_global @ data.gallery_global.T), axis=1, kind="stable")
+    for protocol, ok_keys, leaves in (("medium", ("easy", "hard"), ("junk",)), ("hard", ("hard",), ("junk",)),
+                                      ("hard*", ("hard",), ("junk", "easy"))):
+        expected = []
+        for q, entry in enumerate(data.gnd["gnd"]):
+            gone = np.concatenate([np.asarray(entry[k], int) for k in leaves])
+            head = [i for i in ranks[q] if i not in gone][:3]  # junk removed (default), and easy for Hard*
+            expected.append(int(np.isin(head, np.concatenate([np.asarray(entry[k], int) for k in ok_keys])).sum()))
+        assert report["results"]["superglobal"]["synthetic"][protocol]["shortlist_positives"] == expected
+        assert "shortlist_positives" not in report["results"]["global"]["synthetic"][protocol]  # it re-ranks nothing
+    with open(tmp_path / "per_query_ap.csv") as f:
+        medium = [r for r in csv.DictReader(f) if r["protocol"] == "medium"]
+    assert [int(r["positives_in_shortlist"]) for r in medium] == report["results"]["superglobal"]["synthetic"]["medium"]["shortlist_positives"]
+
+
+def test_diagonal_counts_of_a_scatter():
+    from locore_plugin.evaluation.report import diagonal_counts
+
+    assert diagonal_counts([10, 50, 30, np.nan, 70], [20, 50, 10, 40, 90]) == (2, 1, 1)
+
+
+def test_every_row_is_tested_against_the_chosen_baseline(data_root, tmp_path):
+    methods = ("superglobal", MethodSpec("superglobal", label="superglobal-again"))
+    report = evaluation.run(_config(data_root, tmp_path, methods, baseline="superglobal"), log=lambda *a: None)
+    comparisons = report["comparisons"]
+    assert set(comparisons) == {"global", "superglobal-again"}
+    same = comparisons["superglobal-again"]["synthetic"]["medium"]
+    assert same["difference"] == 0.0 and same["p"] == 1.0  # the same method twice
+    g, s = (report["results"][r]["synthetic"]["medium"]["mAP"] for r in ("global", "superglobal"))
+    assert comparisons["global"]["synthetic"]["medium"]["difference"] == pytest.approx(g - s)
+    md = (tmp_path / "results.md").read_text()
+    assert "Difference to superglobal" in md and "| superglobal | (baseline) |" in md
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["settings"]["baseline"] == "superglobal" and summary["comparisons"] == comparisons
+    with pytest.raises(evaluation.EvaluationError, match="baseline 'nope'"):
+        evaluation.run(_config(data_root, tmp_path, methods, baseline="nope"), log=lambda *a: None)
