@@ -143,14 +143,17 @@ class GemmProbe:
 
 
 def synthetic_features(reranker, count: int, locals_per_image: int, seed: int = 0) -> list[ImageFeatures]:
-    """``count`` images with every field (global, locals, mask, xy, scale, weight) at the re-ranker's dims.
+    """``count`` images with every field (global, locals, mask, xy, scale, weight) at the re-ranker's
+    dims, and a dense map of the re-ranker's ``dense_shape`` (C, h, w) where it states one.
 
     A quarter of the local slots are padded, as real descriptor files are.
     """
     local_dim, global_dim = _dims(reranker)
+    dense_shape = getattr(reranker, "dense_shape", None)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
+        dense = None if dense_shape is None else rng.standard_normal(dense_shape).astype(np.float32)
         g = rng.standard_normal(global_dim).astype(np.float32)
         local = rng.standard_normal((locals_per_image, local_dim)).astype(np.float32)
         local /= np.linalg.norm(local, axis=1, keepdims=True)
@@ -160,7 +163,7 @@ def synthetic_features(reranker, count: int, locals_per_image: int, seed: int = 
             global_desc=g / np.linalg.norm(g), local=local, mask=mask,
             xy=rng.random((locals_per_image, 2)).astype(np.float32),  # normalised image coordinates
             scale=rng.integers(1, 3, locals_per_image).astype(np.float32),  # valid as scale ids (LoCoRE) and as scales (RRT)
-            weight=np.sort(rng.random(locals_per_image).astype(np.float32))[::-1].copy(),
+            weight=np.sort(rng.random(locals_per_image).astype(np.float32))[::-1].copy(), dense=dense,
         ))
     return out
 

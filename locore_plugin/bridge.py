@@ -87,7 +87,8 @@ class ImageRanker(BaseRanker):
                     f"extractor: pass Reranker({self.model_name!r}, extractor=<name>) to rank raw images "
                     f"(registered extractors: {', '.join(e.name for e in list_extractors())})"
                 )
-            self._extractor = create_extractor(name, **{"verbose": self.verbose, **self._extractor_options})
+            own = self.model.extractor_options() if self._extractor is None else {}  # its registered extractor
+            self._extractor = create_extractor(name, **{"verbose": self.verbose, **own, **self._extractor_options})
         return self._extractor
 
 

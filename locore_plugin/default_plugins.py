@@ -7,6 +7,7 @@ DEFAULT_PLUGINS = (
     "locore_plugin.adapters.locore",
     "locore_plugin.adapters.r2former",
     "locore_plugin.adapters.elvis",
+    "locore_plugin.adapters.cvnet",
     "locore_plugin.adapters.sift",
     "locore_plugin.adapters.gv",
     "locore_plugin.adapters.dinov2_ames",

@@ -25,10 +25,19 @@ class ImageFeatures:
     xy: Optional[np.ndarray] = None
     scale: Optional[np.ndarray] = None
     weight: Optional[np.ndarray] = None
+    dense: Optional[np.ndarray] = None
 
     def __post_init__(self):
-        if self.global_desc is None and self.local is None:
-            raise ValueError("ImageFeatures needs a global descriptor, local descriptors, or both")
+        if self.global_desc is None and self.local is None and self.dense is None:
+            raise ValueError("ImageFeatures needs a global descriptor, local descriptors or a dense map")
+        if self.dense is not None:
+            dense = np.asarray(self.dense)
+            dense = np.ascontiguousarray(dense) if dense.dtype == np.float16 else _as_float32(dense, "dense")
+            if dense.ndim != 3 or 0 in dense.shape:
+                raise ValueError(f"dense must have shape (C, h, w), got {dense.shape}")
+            if not np.isfinite(dense).all():
+                raise ValueError("dense contains NaN or Inf")
+            object.__setattr__(self, "dense", dense)
         if self.global_desc is not None:
             g = _as_float32(self.global_desc, "global_desc")
             if g.ndim != 1:

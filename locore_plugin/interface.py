@@ -69,6 +69,12 @@ class ImageReranker(abc.ABC):
         them, scoring each list once. Re-rankers without that step do not implement it."""
         raise NotImplementedError(f"{type(self).__name__} has no fusion step to tune")
 
+    def extractor_options(self) -> dict:
+        """Options that the extractor this re-ranker registers needs from it to produce what it
+        reads (CVNet's dense maps come from the backbone of its own checkpoint); the rerankers
+        bridge passes them when it builds that extractor for raw images. Empty for most methods."""
+        return {}
+
     @abc.abstractmethod
     def _rerank_many(
         self,

@@ -19,7 +19,7 @@ from locore_plugin.plugins import load_plugins, plugin_distribution
 CHAIN_SEPARATOR = "+"
 
 
-DESCRIPTOR_KINDS = ("global", "local")
+DESCRIPTOR_KINDS = ("global", "local", "dense")  # dense: a feature map (ImageFeatures.dense)
 LOCAL_COLUMNS = ("scale", "weight", "xy")  # the per-local columns of ImageFeatures
 
 
@@ -30,8 +30,11 @@ class RerankerInfo:
     guess them. ``register(name, factory, description, **fields)``; an unknown field is an error.
 
     ``learned``: whether it has weights to train or load (None: the plugin does not say; then a
-    build with ``pretrained=False`` tells). ``inputs``: the descriptor kinds it reads (``"global"``,
-    ``"local"``; given as a tuple or as ``"local+global"``). ``columns``: the per-local columns it
+    build with ``pretrained=False`` tells). ``trainable``: whether the shared training loop trains it
+    (a :class:`~locore_plugin.interface.TrainableReranker`); None: as ``learned`` says. A learned
+    method registers False when only inference is implemented (CVNet: no official training code).
+    ``inputs``: the descriptor kinds it reads (``"global"``,
+    ``"local"``, ``"dense"`` maps; given as a tuple or as ``"local+global"``). ``columns``: the per-local columns it
     reads besides the descriptors (``"scale"``, ``"weight"``, ``"xy"``). ``extractor``: the
     extractor that ``rank()`` uses on raw images when the user names none. ``attn_implementations``:
     ``(reference, fast)`` names its factory accepts as ``attn_implementation`` (the benchmark runs
@@ -44,6 +47,7 @@ class RerankerInfo:
     """
 
     learned: Optional[bool] = None
+    trainable: Optional[bool] = None
     inputs: tuple[str, ...] = ()
     columns: tuple[str, ...] = ()
     extractor: Optional[str] = None
@@ -59,8 +63,9 @@ class RerankerInfo:
         object.__setattr__(self, "attn_implementations", tuple(self.attn_implementations))
         if self.attn_implementations and len(self.attn_implementations) != 2:
             raise ValueError(f"attn_implementations must be (reference, fast), got {self.attn_implementations}")
-        if self.learned not in (None, True, False):
-            raise ValueError(f"learned must be True, False or None, got {self.learned!r}")
+        for flag in ("learned", "trainable"):
+            if getattr(self, flag) not in (None, True, False):
+                raise ValueError(f"{flag} must be True, False or None, got {getattr(self, flag)!r}")
         if self.sliding_window not in (True, False):
             raise ValueError(f"sliding_window must be True or False, got {self.sliding_window!r}")
 

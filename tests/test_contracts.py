@@ -11,14 +11,14 @@ NAMES = [entry.name for entry in list_rerankers()]
 @pytest.mark.parametrize("name", NAMES)
 def test_the_pretrained_rule(name):
     """A learned method (registered ``learned=True``) never builds random weights silently: without
-    a checkpoint it asks for ``pretrained=False``, and then it is trainable. A training-free one
-    builds without options and accepts ``pretrained=False``."""
+    a checkpoint it asks for ``pretrained=False``, and then it is trainable unless it registers
+    ``trainable=False``. A training-free one builds without options and accepts ``pretrained=False``."""
     entry = {e.name: e for e in list_rerankers()}[name]
     random_weights = create_reranker(name, pretrained=False)
     if entry.metadata.learned:
         with pytest.raises(ValueError, match=r"checkpoint=.*pretrained=False"):
             create_reranker(name)
-        assert isinstance(random_weights, TrainableReranker)
+        assert isinstance(random_weights, TrainableReranker) == (entry.metadata.trainable is not False)
     else:
         create_reranker(name)
         assert not isinstance(random_weights, TrainableReranker)
@@ -50,7 +50,7 @@ def test_rerank_returns_a_permutation_and_batched_equals_one_by_one(name):
         np.testing.assert_allclose(together.scores, single.scores, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", [e.name for e in list_rerankers() if e.metadata.learned])
+@pytest.mark.parametrize("name", [e.name for e in list_rerankers() if e.metadata.learned and e.metadata.trainable is not False])
 def test_a_learned_reranker_round_trips_save_and_load(name, tmp_path):
     reranker = create_reranker(name, pretrained=False)
     query, gallery, scores = _inputs(reranker, 4, 3)

@@ -32,7 +32,8 @@ def read_state_dict(path: PathLike, strip_prefixes: Iterable[str] = ()) -> dict[
     ``.safetensors`` files are read with safetensors; anything else with
     ``torch.load(weights_only=True)`` (numpy arrays and scalars allowed, as training scripts store
     metrics beside the weights), unwrapping the official ``{'state': ...}`` (AMES, RRT),
-    ``{'model_state_dict': ...}`` (R2Former) and ``{'state_dict': ...}`` / ``{'model': ...}`` containers. A key prefix in ``strip_prefixes``
+    ``{'model_state_dict': ...}`` (R2Former), ``{'model_state': ...}`` (CVNet) and
+    ``{'state_dict': ...}`` / ``{'model': ...}`` containers. A key prefix in ``strip_prefixes``
     (e.g. R2Former's ``Reranker.``) is removed where every key carries it.
     """
     path = Path(path)
@@ -49,7 +50,7 @@ def read_state_dict(path: PathLike, strip_prefixes: Iterable[str] = ()) -> dict[
     else:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
             state = torch.load(path, map_location="cpu", weights_only=True)
-        for container in ("state", "model_state_dict", "state_dict", "model"):
+        for container in ("state", "model_state_dict", "model_state", "state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(container), dict):
                 state = state[container]
                 break
