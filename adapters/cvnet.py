@@ -485,28 +485,24 @@ def rescaled(bgr: np.ndarray, scale: float) -> np.ndarray:
 class CVNetExtractor(ImageExtractor):
     """From a raw image (a query cropped to its box): the CVNet-Global descriptor (per scale of
     ``scales`` the normalised head output, averaged and normalised again) and the layer-3 map at
-    full resolution, both from the checkpoint's ``encoder_q``. ``dense_dtype="float16"`` halves
-    what the maps take in the cache (about 6 MB for a 1024 x 768 photo)."""
+    full resolution, both from the checkpoint's ``encoder_q`` (``create_extractor(...,
+    dense_dtype="float16")`` halves what the maps take in its cache)."""
 
     def __init__(self, name: str = "cvnet-r50", checkpoint=None, pretrained: bool = True, config: Optional[dict] = None,
-                 scales: Sequence[float] = GLOBAL_SCALES, dense: bool = True, dense_dtype: str = "float32", device=None,
-                 dtype="float32", verbose: int = 0):
+                 scales: Sequence[float] = GLOBAL_SCALES, dense: bool = True, device=None, dtype="float32", verbose: int = 0):
         if not scales or any(s <= 0 for s in scales):
             raise ValueError(f"scales must be positive, got {list(scales)}")
-        if dense_dtype not in ("float32", "float16"):
-            raise ValueError(f"dense_dtype must be float32 or float16, got {dense_dtype!r}")
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.encoder = build_module(name, checkpoint, pretrained, config).encoder_q.to(self.device, self.dtype)
         self.checkpoint = None if checkpoint is None else str(checkpoint)
-        self.scales, self.dense, self.dense_dtype = tuple(float(s) for s in scales), bool(dense), dense_dtype
+        self.scales, self.dense = tuple(float(s) for s in scales), bool(dense)
         self.batch_size, self.verbose = 1, verbose  # full-resolution images of different sizes: one at a time
         # What was loaded, fixed once: the cache key of every later call (no re-hashing per call).
         self.weights_stamp = "random" if checkpoint is None else _content_hash(Path(checkpoint))
 
     @property
     def settings(self) -> dict:
-        return {"weights": self.weights_stamp, "scales": self.scales, "dense": self.dense, "dense_dtype": self.dense_dtype,
-                "dtype": str(self.dtype)}
+        return {"weights": self.weights_stamp, "scales": self.scales, "dense": self.dense, "dtype": str(self.dtype)}
 
     def _input(self, bgr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(prepare(bgr))[None].to(self.device, self.dtype)
@@ -530,7 +526,7 @@ class CVNetExtractor(ImageExtractor):
         out = []
         for crop in crops:
             bgr = np.ascontiguousarray(crop.pixels[:, :, ::-1])  # crops are RGB; the official input is OpenCV's BGR
-            dense = self.feature_map(bgr).astype(self.dense_dtype) if self.dense else None
+            dense = self.feature_map(bgr) if self.dense else None
             out.append(ImageFeatures(global_desc=self.global_descriptor(bgr), dense=dense))
         return out
 

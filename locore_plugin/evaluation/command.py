@@ -28,7 +28,7 @@ from .runner import run, untrained_reason, weights_chosen
 from .tuning import OFFICIAL_GRID, TuneConfig, format_grid, tune
 
 RECIPE_KEYS = {"datasets", "methods", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc",
-               "nn", "device", "dtype", "batch_size", "plots", "baseline"}
+               "nn", "device", "dtype", "batch_size", "plots", "baseline", "images"}
 
 
 def read_recipe(path) -> dict:
@@ -106,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="dtype for every re-ranker (fp32, bf16, fp16)")
     parser.add_argument("--batch-size", type=int, help="queries per re-ranking call and re-ranker batch size")
     parser.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG scatter plots")
+    parser.add_argument("--images", metavar="DIR", help="the dataset's images, for methods that read them (CVNet's dense "
+                        "maps; extracted on the fly and cached): {dataset} is replaced; default DATA_ROOT/DATASET/jpg")
     parser.add_argument("--baseline", metavar="ROW", help="the row every other row is tested against: paired "
                         "randomization p and bootstrap interval of the mAP difference (default: global)")
     parser.add_argument("--fusion-from", action="append", default=[], metavar="TUNE_JSON",
@@ -118,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if args.rerankers:
         recipe["methods"] = [MethodSpec(name) for name in args.rerankers]
     for key in ("datasets", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc", "nn",
-                "device", "dtype", "batch_size", "plots", "baseline"):
+                "device", "dtype", "batch_size", "plots", "baseline", "images"):
         value = getattr(args, key)
         if value is not None:
             recipe[key] = value
@@ -206,6 +208,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="device for the re-ranker")
     parser.add_argument("--dtype", help="dtype for the re-ranker")
     parser.add_argument("--batch-size", type=int, default=8, help="queries per head_logits call")
+    parser.add_argument("--images", metavar="DIR", help="the dataset's images, for methods that read them (as for eval)")
 
 
 def _grid(text: str) -> tuple:
@@ -224,7 +227,7 @@ def _run_tune(args) -> None:
     common = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
     result = tune(TuneConfig(method, args.dataset, args.data_root, args.out, args.protocol, args.junk, args.top_k,
                              args.metric, args.depth, args.desc, args.nn, args.weights, args.temperatures,
-                             args.batch_size, common))
+                             args.batch_size, common, args.images))
     print(format_grid(result))
     print(f"grid, heat map and the chosen fusion in {Path(args.out).resolve()}; evaluate with "
           f"`locore-plugin eval ... --fusion-from {Path(args.out) / 'tune.json'}`")

@@ -58,6 +58,7 @@ class EvalConfig:
     batch_size: Optional[int] = None
     plots: bool = True
     baseline: str = GLOBAL_ROW  # the row every other row is tested against (paired, per query)
+    images: Optional[str] = None  # image folder for methods that read images ({dataset} replaced); default {root}/{dataset}/jpg
 
     def validate(self) -> None:
         if not self.datasets:
@@ -150,19 +151,21 @@ def full_ranking(sims: np.ndarray, nn: Optional[tuple[np.ndarray, np.ndarray]] =
 
 
 def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Optional[str] = None,
-                 depth: Optional[int] = None, cache_dir=None, num_locals: Optional[int] = None) -> EvalData:
+                 depth: Optional[int] = None, cache_dir=None, num_locals: Optional[int] = None,
+                 with_local: bool = True) -> EvalData:
     """Open ``{root}/{dataset}`` (``name+1m`` adds the revisitop1m distractors) in the official layout.
 
     ``metric="standard"`` ranks the whole gallery (exact inner products; a published ``nn_{nn}.pkl``
     shortlist, if named, comes first); ``"truncated"`` uses the top-``depth`` shortlist itself
     (``nn_{nn}.pkl``, or exact faiss search, cached), as the AMES/LoCoRE code does, and so do the
-    GLDv2 datasets always (their metric reads the first 100).
+    GLDv2 datasets always (their metric reads the first 100). ``with_local=False`` opens the
+    global descriptors only (no method of the run reads locals, so the local file may be absent).
     """
     from locore_plugin.io.descriptors import open_revisited
 
     base, plus1m = (dataset[: -len("+1m")], True) if dataset.endswith("+1m") else (dataset, False)
     try:
-        data = open_revisited(base, desc, root, plus1m=plus1m, num_locals=num_locals)
+        data = open_revisited(base, desc, root, plus1m=plus1m, num_locals=num_locals, with_local=with_local)
     except FileNotFoundError as error:
         raise EvaluationError(str(error)) from None
     if metric == "truncated" or base in DATASET_PROTOCOLS:  # GLDv2 (761,757 index images): the shortlist only

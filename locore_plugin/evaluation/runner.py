@@ -13,6 +13,7 @@ from locore_plugin.io.atomic import atomic_write, set_aside
 from locore_plugin.progress import progress
 
 from .datasets import GLOBAL_ROW, KAPPAS, EvalConfig, EvaluationError, MethodSpec, load_dataset, resolve_data_root
+from .images import IMAGE_CACHE_SIZE, ImageFeatureSource, image_folder, needs_images
 from .protocols import dataset_protocols, parse_protocols
 from .report import _slug, compare_rows, write_outputs
 from .scoring import DatasetEvaluation
@@ -94,6 +95,9 @@ def run(config: EvalConfig, log=print) -> dict:
     for m in config.methods:
         if not is_reranker_name(m.name):
             _create(create_reranker, m, {})  # raises before any work, naming close matches
+        if needs_images(m.name) and "+" in m.name:
+            raise EvaluationError(f"{m.row}: chains with a method that reads images (dense maps) are not supported; "
+                                  "evaluate it on its own")
         reason = untrained_reason(m.name, weights_chosen(m))
         if reason is not None:  # never report random weights as if they were a method's numbers
             raise EvaluationError(f"{m.row}: {reason}; pass --checkpoint NAME=PATH (or --option "
@@ -110,9 +114,11 @@ def run(config: EvalConfig, log=print) -> dict:
     fresh: set[tuple[str, str]] = set()  # (row, dataset) computed in this run
     for dataset in config.datasets:
         fingerprint = dataset_fingerprint(root, dataset, config.desc)
+        folders = {m.row: image_folder(root, dataset, config.images) for m in config.methods if needs_images(m.name)}
         keys = {
             m.row: jsonable({
                 "format": RESULT_FORMAT, "row": m.row, "method": m.name, "options": path_stamp(m.options),
+                **({"images": path_stamp(str(folders[m.row]))} if m.row in folders else {}),
                 "stage_options": path_stamp(m.stage_options), "common": common if m.name != GLOBAL_ROW else {},
                 "dataset": dataset, "fingerprint": fingerprint,
                 **{k: v for k, v in settings.items() if m.name != GLOBAL_ROW or k != "top_k"},  # nothing re-ranked
@@ -130,7 +136,9 @@ def run(config: EvalConfig, log=print) -> dict:
             log(f"{dataset}: every row cached")
             continue
         log(f"{dataset}: loading (rows to compute: {', '.join(m.row for m in todo)})")
-        data = load_dataset(root, dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache")
+        with_local = any(reads_descriptor_locals(m.name) for m in todo if m.name != GLOBAL_ROW)
+        data = load_dataset(root, dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache",
+                            with_local=with_local)
         evaluation = DatasetEvaluation(data, config.protocols, config.junk, config.metric)
         for m in progress(todo, desc=dataset, unit="method"):
             if m.name == GLOBAL_ROW:
@@ -138,7 +146,10 @@ def run(config: EvalConfig, log=print) -> dict:
             else:
                 if m.row not in built:
                     built[m.row] = _create(create_reranker, m, common)
-                scores = evaluation.run(built[m.row], config.top_k, config.batch_size or 8, m.row)
+                features = None
+                if m.row in folders:
+                    features = ImageFeatureSource(method_extractor(built[m.row], m, out), folders[m.row], root, dataset)
+                scores = evaluation.run(built[m.row], config.top_k, config.batch_size or 8, m.row, features)
             cache.put(keys[m.row], scores)
             results[m.row][dataset] = scores
             fresh.add((m.row, dataset))
@@ -157,6 +168,28 @@ def _create(create_reranker, spec: MethodSpec, common: dict):
         return create_reranker(spec.name, **common, **spec.options)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
         raise EvaluationError(f"cannot build re-ranker {spec.row!r} ({spec.name}): {error}") from error
+
+
+def reads_descriptor_locals(name: str) -> bool:
+    """Whether a method (or a stage of a chain) reads the local descriptor files: it registers
+    ``local`` among its inputs, or registers no inputs at all (then it may read anything)."""
+    from locore_plugin.registry import registered_rerankers
+
+    entries = registered_rerankers()
+    return any(not entries[part].metadata.inputs or "local" in entries[part].metadata.inputs for part in name.split("+"))
+
+
+def method_extractor(reranker, spec: MethodSpec, out: Path):
+    """The extractor a method that reads images registers, with what it needs from the re-ranker
+    (its checkpoint) and the on-disk feature cache of the run (dense maps in float16)."""
+    from locore_plugin.extractors import create_extractor
+    from locore_plugin.registry import registered_rerankers
+
+    name = registered_rerankers()[spec.name].metadata.extractor
+    if name is None:
+        raise EvaluationError(f"{spec.row}: {spec.name} reads images but registers no extractor")
+    return create_extractor(name, cache_dir=out / "cache" / "features", cache_size=IMAGE_CACHE_SIZE, dense_dtype="float16",
+                            **reranker.extractor_options())
 
 
 def weights_chosen(spec: MethodSpec) -> list[str]:

@@ -77,13 +77,17 @@ class DatasetEvaluation:
                 members, np.take_along_axis(data.ranking, order, 1), np.take_along_axis(data.scores, order, 1), kept,
             ))
 
-    def run(self, reranker=None, top_k: int = 100, batch_size: int = 8, label: str = "") -> dict:
-        """``{protocol name: score_ranking(...)}`` for ``reranker`` (None = the global ranking)."""
+    def run(self, reranker=None, top_k: int = 100, batch_size: int = 8, label: str = "", features=None) -> dict:
+        """``{protocol name: score_ranking(...)}`` for ``reranker`` (None = the global ranking).
+
+        ``features``: where the re-ranker's inputs come from, an object with ``queries`` and
+        ``gallery(ids)`` (default: the descriptor files; e.g. an ``ImageFeatureSource``)."""
         label = label or getattr(reranker, "name", "") or type(reranker).__name__
+        source = features or self.data
         out = {}
         for members, ranking, scores, kept in self.groups:
             final = ranking if reranker is None else rerank_top(
-                reranker, self.data.queries, self.data.gallery, ranking, scores, kept, top_k, batch_size,
+                reranker, source.queries, source.gallery, ranking, scores, kept, top_k, batch_size,
                 desc=f"{label} on {self.data.name} ({'/'.join(p.label for p in members)})",
             )
             head = None if reranker is None else np.minimum(top_k, kept)

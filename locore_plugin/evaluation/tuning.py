@@ -25,8 +25,9 @@ from locore_plugin.io.atomic import atomic_write
 from locore_plugin.progress import progress
 
 from .datasets import EvaluationError, MethodSpec, load_dataset, resolve_data_root
+from .images import ImageFeatureSource, image_folder, needs_images
 from .protocols import DATASET_PROTOCOLS, REVISITED, get_protocol
-from .runner import dataset_fingerprint, jsonable, path_stamp
+from .runner import dataset_fingerprint, jsonable, method_extractor, path_stamp, reads_descriptor_locals
 from .scoring import DatasetEvaluation, score_ranking
 
 OFFICIAL_GRID = tuple(round(v, 10) for v in np.linspace(0.0, 1.0, 11))  # eval_revisitop.py / AMES: alpha and T
@@ -49,6 +50,7 @@ class TuneConfig:
     temperatures: tuple = OFFICIAL_GRID
     batch_size: int = 8
     common: dict = field(default_factory=dict)  # device / dtype / batch_size for the re-ranker
+    images: Optional[str] = None  # image folder for methods that read images (see EvalConfig.images)
 
 
 def grid_maps(evaluation: DatasetEvaluation, protocol: str, logits: list, weights, temperatures) -> np.ndarray:
@@ -68,11 +70,14 @@ def grid_maps(evaluation: DatasetEvaluation, protocol: str, logits: list, weight
     return maps
 
 
-def head_logits(reranker, evaluation: DatasetEvaluation, protocol: str, top_k: int, batch_size: int = 8) -> list:
+def head_logits(reranker, evaluation: DatasetEvaluation, protocol: str, top_k: int, batch_size: int = 8,
+                features=None) -> list:
     """The raw logits of every query's re-ranked head (the first ``min(top_k, kept)`` of its
-    shortlist under ``protocol``'s rule), one call per ``batch_size`` queries."""
+    shortlist under ``protocol``'s rule), one call per ``batch_size`` queries; ``features`` as in
+    :meth:`DatasetEvaluation.run` (default: the descriptor files)."""
     _, ranking, _, kept = _group(evaluation, get_protocol(protocol))
-    data, nq, out = evaluation.data, len(evaluation.data.queries), []
+    data = features or evaluation.data
+    nq, out = len(data.queries), []
     for start in progress(range(0, nq, batch_size), desc=f"logits of {reranker.name or type(reranker).__name__}", unit="batch"):
         batch = range(start, min(start + batch_size, nq))
         heads = [data.gallery(ranking[q, : min(top_k, int(kept[q]))]) for q in batch]
@@ -117,14 +122,17 @@ def tune(config: TuneConfig, log=print) -> dict:
         raise EvaluationError(f"{spec.name} has no fusion step to tune (it does not implement head_logits)")
     root = resolve_data_root(config.data_root)
     out = Path(config.out)
+    folder = image_folder(root, config.dataset, config.images) if needs_images(spec.name) else None
     key = jsonable({
         "method": spec.name, "options": path_stamp(spec.options), "common": config.common, "dataset": config.dataset,
+        **({"images": path_stamp(str(folder))} if folder is not None else {}),
         "fingerprint": dataset_fingerprint(root, config.dataset, config.desc), "protocol": protocol,
         "junk": config.junk, "top_k": config.top_k, "metric": config.metric, "depth": config.depth, "desc": config.desc,
         "nn": config.nn,
     })
     cache = out / "cache" / f"logits-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.npz"
-    data = load_dataset(root, config.dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache")
+    data = load_dataset(root, config.dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache",
+                        with_local=reads_descriptor_locals(spec.name))
     evaluation = DatasetEvaluation(data, [protocol], config.junk, config.metric)
     if cache.is_file():
         with np.load(cache) as stored:
@@ -132,7 +140,8 @@ def tune(config: TuneConfig, log=print) -> dict:
         log(f"{spec.name}: logits read from {cache}")
     else:
         try:
-            logits = head_logits(reranker, evaluation, protocol, config.top_k, config.batch_size)
+            features = None if folder is None else ImageFeatureSource(method_extractor(reranker, spec, out), folder, root, config.dataset)
+            logits = head_logits(reranker, evaluation, protocol, config.top_k, config.batch_size, features)
         except ValueError as error:
             raise EvaluationError(str(error)) from error
         buffer = io.BytesIO()

@@ -29,18 +29,20 @@ def list_extractors() -> list[RegistryEntry]:
 
 
 def create_extractor(
-    name: str, cache_dir: Union[str, Path, None] = None, cache_size: int = 1024, **kwargs
+    name: str, cache_dir: Union[str, Path, None] = None, cache_size: int = 1024, dense_dtype: Optional[str] = None,
+    **kwargs,
 ) -> "ImageExtractor":
     """Build the extractor registered as ``name`` with ``kwargs`` passed to its factory.
 
     ``cache_size`` images' features stay in memory (least recently used dropped first);
-    ``cache_dir`` also keeps them on disk, keyed by the extractor's settings and the image content.
+    ``cache_dir`` also keeps them on disk, keyed by the extractor's settings and the image content;
+    ``dense_dtype="float16"`` keeps dense maps there in half precision (see :class:`FeatureCache`).
     """
     extractor = lookup(registered_extractors(), name, "extractor").factory(**kwargs)
     if not isinstance(extractor, ImageExtractor):
         raise TypeError(f"the factory of extractor {name!r} returned {type(extractor).__name__}, not an ImageExtractor")
     extractor.name = name
-    extractor.cache = FeatureCache(cache_size, cache_dir)
+    extractor.cache = FeatureCache(cache_size, cache_dir, dense_dtype)
     return extractor
 
 
@@ -103,7 +105,7 @@ class ImageExtractor(abc.ABC):
             chunk = pending[start : start + max(self.batch_size, 1)]
             crops, frames = zip(*(_crop(load_image(images[i]), key[1]) for i, key in chunk))
             for (i, key), frame, features in zip(chunk, frames, self._extract_batch(list(crops)), strict=True):
-                out[i] = _to_full_frame(features, *frame)
+                out[i] = self.cache.stored(_to_full_frame(features, *frame))
                 self.cache.put(identity, key, out[i])
             progress.update(len(chunk))
         progress.close()

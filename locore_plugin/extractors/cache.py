@@ -17,14 +17,26 @@ from locore_plugin.io.atomic import atomic_write, set_aside
 
 class FeatureCache:
     """Features by (image content, bbox): the ``size`` most recently used in memory, and all of
-    them in ``directory`` (one ``.npz`` per image) when it is given."""
+    them in ``directory`` (one ``.npz`` per image) when it is given. ``dense_dtype="float16"``
+    keeps dense maps in half precision, in memory and on disk alike (a full-resolution CVNet map
+    is about 12 MB in float32), so a resumed run sees the features the first one used."""
 
-    def __init__(self, size: int = 1024, directory: Union[str, Path, None] = None):
+    def __init__(self, size: int = 1024, directory: Union[str, Path, None] = None, dense_dtype: Optional[str] = None):
         if size < 0:
             raise ValueError(f"cache_size must be >= 0, got {size}")
+        if dense_dtype not in (None, "float16", "float32"):
+            raise ValueError(f"dense_dtype must be None, 'float16' or 'float32', got {dense_dtype!r}")
         self.size = int(size)
         self.directory = None if directory is None else Path(directory)
+        self.dense_dtype = dense_dtype
         self._memory: OrderedDict[tuple, ImageFeatures] = OrderedDict()
+
+    def stored(self, features: ImageFeatures) -> ImageFeatures:
+        """The features as this cache keeps them (dense maps in ``dense_dtype``)."""
+        if self.dense_dtype is None or features.dense is None or features.dense.dtype == np.dtype(self.dense_dtype):
+            return features
+        values = {f.name: getattr(features, f.name) for f in fields(features)}
+        return ImageFeatures(**{**values, "dense": features.dense.astype(self.dense_dtype)})
 
     def get(self, identity: str, key: tuple) -> Optional[ImageFeatures]:
         if key in self._memory:

@@ -449,7 +449,15 @@ def open_revisited(dataset: str, desc: str, root=None, plus1m: bool = False, num
 
 
 def _distractor_count(root: Path, desc: str) -> int:
-    """Images in revisitop1m when only its global file is opened: from the official image list."""
+    """Images in revisitop1m when only its global file is opened: from the official image list,
+    else from the local file's length (present but not read)."""
+    local, _ = descriptor_paths(root / DISTRACTORS, desc, None)
+    if local.is_file():
+        reader = LocalReader(local)
+        try:
+            return len(reader)
+        finally:
+            reader.close()
     for name in ("test_gallery.txt", "imlist.txt"):
         path = root / DISTRACTORS / name
         if path.is_file():

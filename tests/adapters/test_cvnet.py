@@ -110,7 +110,7 @@ def test_raw_images_through_the_extractor_api_crop_queries_to_their_box(case):
     features = model.extract(rgb, bbox=case.gnd[0]["bbx"])
     assert_relative(features.dense, case.outputs["featuremap_query_0"][0])
     assert_relative(features.global_desc, case.outputs["global_query_multiscale"][0])
-    half = extractor(case, dense_dtype="float16").extract(rgb, bbox=case.gnd[0]["bbx"])
+    half = extractor(case, dense_dtype="float16").extract(rgb, bbox=case.gnd[0]["bbx"])  # how evaluation caches maps
     assert half.dense.dtype == np.float16
     assert_relative(half.dense.astype(np.float32), case.outputs["featuremap_query_0"][0], 2e-3)
 
@@ -144,7 +144,7 @@ def test_correlation_logits_scores_and_forward_match_official(case):
 @pytest.mark.golden("cvnet")
 def test_batched_equal_size_groups_equal_one_pair_at_a_time(case):
     gallery = [case.features("db", j) for j in range(len(case.config["db_names"]))]
-    assert len({g.dense.shape for g in gallery}) < len(gallery)  # the case has groups of equal size
+    gallery += [ImageFeatures(dense=g.dense * 0.5) for g in gallery[:3]]  # equal-size groups, whatever the case's photos
     query = case.features("query", 0)
     batched = reranker(case, batch_size=16).pair_logits(query, gallery)
     single = reranker(case, batch_size=1).pair_logits(query, gallery)
@@ -272,3 +272,49 @@ def test_raw_photos_rank_through_rerankers_with_the_checkpoint_s_own_extractor(c
     result = ranker.rank(query, [Document(document_type="image", image_path=str(p), doc_id=str(j)) for j, p in enumerate(paths[1:])])
     official = case.inputs["sim_global"][:, 0] + 0.5 * case.outputs["scores"][0]  # every image of the case re-ranked
     assert [int(r.document.doc_id) for r in result.results] == np.argsort(-official).tolist()
+
+
+@pytest.mark.golden("cvnet")
+def test_eval_on_the_images_reproduces_the_official_reranked_maps(case, tmp_path):
+    """``locore-plugin eval --images``: the official Medium (junk skipped) and Hard (junk and easy
+    skipped) re-rankings are this project's Medium and Hard* with junk removed; the maps are read
+    from the photos through the extractor, the global ranking from the descriptor files."""
+    import cv2
+
+    from locore_plugin.cli import main
+    from locore_plugin.io.descriptors import write_descriptors
+
+    folder = tmp_path / "data" / "cvcase"
+    (folder / "jpg").mkdir(parents=True)
+    info = pickle.loads((case.folder / "gnd_roxford5k.pkl").read_bytes())
+    (folder / "gnd_cvcase.pkl").write_bytes(pickle.dumps(info))
+    for name in [*case.config["query_names"], *case.config["db_names"]]:
+        cv2.imwrite(str(folder / "jpg" / f"{name}.png"), case.bgr(name))  # lossless: the official pixels
+    for split, role in (("query", "query"), ("gallery", "db")):
+        write_descriptors(folder, "cvnetg", split, [ImageFeatures(global_desc=g) for g in case.outputs[f"global_{role}_multiscale"]])
+    out = tmp_path / "out"
+    args = ["eval", "--data-root", str(tmp_path / "data"), "--dataset", "cvcase", "--desc", "cvnetg", "--reranker", case.name,
+            "--checkpoint", f"{case.name}={case.weights}", "--option", f"{case.name}.config={json.dumps(case.config['constructor_kwargs'])}",
+            "--top-k", str(case.config["rerank"]["topk"]), "--junk", "remove", "--out", str(out), "--no-plots"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["global"]["cvcase"]["medium"]["mAP"] == pytest.approx(case.config["map_global"]["M"], abs=1e-9)
+    assert results[case.name]["cvcase"]["medium"]["mAP"] == pytest.approx(case.config["map_reranked"]["M"], abs=1e-9)
+    assert results[case.name]["cvcase"]["hard*"]["mAP"] == pytest.approx(case.config["map_reranked"]["H"], abs=1e-9)
+    cached = list((out / "cache" / "features").rglob("*.npz"))
+    ranks, topk = case.inputs["ranks_global"], case.config["rerank"]["topk"]
+    shown = set()  # the images some protocol re-ranks: only those are read
+    for i, entry in enumerate(case.gnd):
+        for protocol in ("M", "H"):
+            skipped = np.concatenate([np.asarray(entry[k], int) for k in SKIPPED[protocol]])
+            shown |= set([int(j) for j in ranks[:, i] if j not in skipped][:topk])
+    assert len(cached) == len(case.config["query_names"]) + len(shown)
+    with np.load(cached[0]) as stored:
+        assert stored["dense"].dtype == np.float16
+    # the published procedure works for CVNet too: tune its fusion on the cached logits of the photos
+    tuned = tmp_path / "tune"
+    assert main(["tune", "--data-root", str(tmp_path / "data"), "--dataset", "cvcase", "--desc", "cvnetg", "--reranker", case.name,
+                 "--checkpoint", f"{case.name}={case.weights}", "--option", f"{case.name}.config={json.dumps(case.config['constructor_kwargs'])}",
+                 "--top-k", str(case.config["rerank"]["topk"]), "--out", str(tuned)]) == 0
+    grid = json.loads((tuned / "tune.json").read_text())
+    assert grid["mAP"][grid["weights"].index(1.0)] == pytest.approx([100 * case.config["map_global"]["M"]] * len(grid["temperatures"]), abs=1e-3)
