@@ -1,12 +1,15 @@
 """``locore-plugin bench``: the cost of re-ranking one query (LoCoRE supplementary Sec. 4.3 metrics).
 
 For every registered re-ranker (or a chosen list), on synthetic descriptors of the shapes the
-re-ranker takes (no I/O, no feature extraction): parameters of its ``.module`` (feature backbones
-are not part of a re-ranker; 0 without a module, e.g. SuperGlobal), FLOPs
+re-ranker takes (no I/O, no feature extraction): parameters of the parts of its ``.module`` that
+run while it re-ranks (a feature backbone its checkpoint also holds, CVNet's ``encoder_q``, is not
+part of the re-ranker, as the paper counts; 0 without a module, e.g. SuperGlobal), FLOPs
 (``torch.utils.flop_counter``), latency mean +- std over ``runs`` runs after ``warmup`` warm-ups,
 throughput (FLOP/s and queries/s) and peak memory (CUDA max allocated on a GPU, the peak increase
 of the resident set on a CPU). Learned re-rankers use random weights: the cost does not depend on
-them. Re-rankers with a sliding window (LoCoRE) are also timed on a ``sliding``-candidate shortlist.
+them. Re-rankers with a sliding window (LoCoRE) are also timed on a ``sliding``-candidate shortlist,
+and those that register ``official_options`` (a faster default than the official computation,
+e.g. CVNet's batched pairs) also with those options, as the setting ``top-N official``.
 
 Every figure is in the benchmarked ``dtype``, against a GEMM-rate probe of that dtype timed in
 the same run (a large square matmul, at the start and at the end; the faster counts): each record
@@ -289,11 +292,14 @@ def time_runs(fns: Sequence[Callable[[], object]], device, warmup: int, runs: in
 
 def bench_reranker(name: str, device="cpu", gallery: int = 100, sliding: int = 400, warmup: int = 10, runs: int = 10,
                    seed: int = 0, dtype="float32") -> list[CostRecord]:
-    """The cost records of one re-ranker: ``top-{gallery}``, plus ``sliding-{sliding}`` when it has a sliding window."""
+    """The cost records of one re-ranker: ``top-{gallery}``, plus ``sliding-{sliding}`` when it has a
+    sliding window and ``top-{gallery} official`` when it registers ``official_options``."""
     device = resolve_device(device)
     settings = [(f"top-{gallery}", gallery, {})]
     reranker = build(name, device, dtype)
     entry = registered_rerankers().get(name)  # None for a chain (a+b), timed on the one shortlist
+    if entry is not None and entry.metadata.official_options:
+        settings.append((f"top-{gallery} official", gallery, dict(entry.metadata.official_options)))
     if entry is not None and entry.metadata.sliding_window and sliding:
         settings.append((f"sliding-{sliding}", sliding, {"top_k": sliding}))
     records = []
@@ -305,20 +311,32 @@ def bench_reranker(name: str, device="cpu", gallery: int = 100, sliding: int = 4
         def run():
             return reranker.rerank(query, shortlist, scores)
 
-        run()  # first call: lazy initialisation stays out of the FLOPs and the timings
+        module = getattr(reranker, "module", None)
+        params = _parameters_run(module, run) if module is not None else 0  # also the first call: lazy initialisation
         flops = count_flops(run)
         with _PeakMemory(device) as memory:
             (times,) = time_runs([run], device, warmup, runs, desc=f"{name} {setting}")
         mean = statistics.fmean(times)
-        module = getattr(reranker, "module", None)
         records.append(CostRecord(
             name=name, device=_device_name(device), dtype=_dtype_name(dtype), setting=setting, gallery=size,
-            params=sum(p.numel() for p in module.parameters()) if module is not None else 0, flops=flops,
+            params=params, flops=flops,
             latency_ms_mean=mean, latency_ms_std=statistics.stdev(times) if len(times) > 1 else 0.0,
             flop_per_s=flops / (mean / 1000), queries_per_s=1000 / mean, peak_mem_mb=memory.peak_mb, runs=runs,
             threads=torch.get_num_threads(),
         ))
     return records
+
+
+def _parameters_run(module: torch.nn.Module, run: Callable[[], object]) -> int:
+    """Parameters of the submodules that run during one ``run`` (each counted once)."""
+    ran = set()
+    handles = [m.register_forward_pre_hook(lambda m, args: ran.add(m)) for m in module.modules()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(p.numel() for m in ran for p in m.parameters(recurse=False))
 
 
 def attention_implementations(name: str) -> Optional[tuple[str, str]]:

@@ -39,7 +39,9 @@ class RerankerInfo:
     extractor that ``rank()`` uses on raw images when the user names none. ``attn_implementations``:
     ``(reference, fast)`` names its factory accepts as ``attn_implementation`` (the benchmark runs
     both). ``sliding_window``: it re-ranks a ``top_k`` longer than one model input by sliding
-    windows (the benchmark then also times a 400-candidate shortlist).
+    windows (the benchmark then also times a 400-candidate shortlist). ``official_options``: factory
+    options that give the official computation where the default is a faster equivalent (CVNet:
+    ``{"batch_size": 1}``, one pair per forward); the benchmark times both.
 
     Every re-ranker speaks one vocabulary of options, which the benchmark reads back as attributes:
     ``top_k`` (candidates re-ranked), ``query_length`` / ``gallery_length`` (locals per image),
@@ -53,6 +55,7 @@ class RerankerInfo:
     extractor: Optional[str] = None
     attn_implementations: tuple[str, ...] = ()
     sliding_window: bool = False
+    official_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         inputs = self.inputs.split("+") if isinstance(self.inputs, str) else list(self.inputs)
@@ -68,6 +71,8 @@ class RerankerInfo:
                 raise ValueError(f"{flag} must be True, False or None, got {getattr(self, flag)!r}")
         if self.sliding_window not in (True, False):
             raise ValueError(f"sliding_window must be True or False, got {self.sliding_window!r}")
+        if not isinstance(self.official_options, dict):
+            raise ValueError(f"official_options must be a dict of factory options, got {self.official_options!r}")
 
 
 @dataclass(frozen=True)

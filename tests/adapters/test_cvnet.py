@@ -126,15 +126,18 @@ def test_correlation_logits_scores_and_forward_match_official(case):
         q = torch.from_numpy(case.outputs["featuremap_query_0"])
         k = torch.from_numpy(case.outputs["featuremap_db_0"])
         size = (*q.shape[-2:], *k.shape[-2:])
-        assert_relative(module.correlation(module.project(q), module.project(k), size), case.outputs["correlation_q0_db0"])
+        for correlation in (module.correlation, module.official_correlation):
+            assert_relative(correlation(module.project(q), module.project(k), size), case.outputs["correlation_q0_db0"])
         from locore_plugin.adapters.cvnet import prepare
 
         pair = module(torch.from_numpy(prepare(case.query_bgr(0)))[None], torch.from_numpy(prepare(case.bgr(case.config["db_names"][0])))[None])
     assert float(pair[0]) == pytest.approx(float(case.outputs["forward_q0_db0"]), abs=1e-4)
     gallery = [case.features("db", j) for j in range(len(case.config["db_names"]))]
+    official = reranker(case, implementation="official", batch_size=1)
     for i in range(len(case.config["query_names"])):
         logits = rr.pair_logits(case.features("query", i), gallery)
         np.testing.assert_allclose(logits, case.outputs["logits"][i], atol=1e-4)
+        np.testing.assert_allclose(official.pair_logits(case.features("query", i), gallery), case.outputs["logits"][i], atol=1e-4)
         scores = torch.from_numpy(logits).softmax(1)[:, 1].numpy()
         np.testing.assert_allclose(scores, case.outputs["scores"][i], atol=1e-4)
         head = rr.head_logits([case.features("query", i)], [gallery])[0]
@@ -242,6 +245,24 @@ def test_an_image_too_small_for_the_4d_convolutions_says_the_minimum():
     with pytest.raises(ValueError, match="at least 17 pixels"):
         model.extract(np.zeros((16, 40, 3), np.uint8))
     assert model.extract(np.zeros((17, 17, 3), np.uint8)).dense.shape == (1024, 2, 2)
+
+
+def test_the_fast_correlation_equals_the_official_one_on_random_maps():
+    from locore_plugin.adapters.cvnet import CVNetRerank
+
+    torch.manual_seed(0)
+    module = CVNetRerank(50).eval()
+    query, keys = torch.randn(1, 1024, 7, 5), torch.randn(3, 1024, 6, 9)
+    with torch.inference_mode():
+        size = (7, 5, 6, 9)
+        q, k = module.project(query), module.project(keys)
+        fast = module.correlation(q, k, size)
+        paired = module.correlation([m.expand(3, -1, -1, -1) for m in q], k, size)  # a query per pair (the official forward)
+        official = module.official_correlation([m.expand(3, -1, -1, -1) for m in q], k, size)
+        assert fast.shape == official.shape == (3, 9, 7, 5, 6, 9)
+        torch.testing.assert_close(fast, official, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(paired, official, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(module.pair_logits(query, keys), module.pair_logits(query, keys, official=True), atol=1e-5, rtol=1e-5)
 
 
 def test_only_the_head_is_re_ranked_and_the_tail_keeps_its_order(random_cvnet):
