@@ -21,14 +21,14 @@ from typing import Sequence
 
 from locore_plugin.options import SYNTAX, parse_assignment, read_recipe_file
 
-from .datasets import EvalConfig, EvaluationError, MethodSpec
+from .datasets import IMAGE_CACHE_GB, EvalConfig, EvaluationError, MethodSpec
 from .protocols import JUNK_MODES
 from .report import format_table
 from .runner import run, untrained_reason, weights_chosen
 from .tuning import OFFICIAL_GRID, TuneConfig, format_grid, tune
 
 RECIPE_KEYS = {"datasets", "methods", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc",
-               "nn", "device", "dtype", "batch_size", "plots", "baseline", "images"}
+               "nn", "device", "dtype", "batch_size", "plots", "baseline", "images", "image_cache_gb"}
 
 
 def read_recipe(path) -> dict:
@@ -108,6 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG scatter plots")
     parser.add_argument("--images", metavar="DIR", help="the dataset's images, for methods that read them (CVNet's dense "
                         "maps; extracted on the fly and cached): {dataset} is replaced; default DATA_ROOT/DATASET/jpg")
+    parser.add_argument("--image-cache-gb", type=float, metavar="GB", help="the most the features extracted from "
+                        f"--images take on disk, least recently used deleted first (default {IMAGE_CACHE_GB:g})")
     parser.add_argument("--baseline", metavar="ROW", help="the row every other row is tested against: paired "
                         "randomization p and bootstrap interval of the mAP difference (default: global)")
     parser.add_argument("--fusion-from", action="append", default=[], metavar="TUNE_JSON",
@@ -120,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if args.rerankers:
         recipe["methods"] = [MethodSpec(name) for name in args.rerankers]
     for key in ("datasets", "data_root", "out", "protocols", "junk", "top_k", "metric", "depth", "desc", "nn",
-                "device", "dtype", "batch_size", "plots", "baseline", "images"):
+                "device", "dtype", "batch_size", "plots", "baseline", "images", "image_cache_gb"):
         value = getattr(args, key)
         if value is not None:
             recipe[key] = value
@@ -209,6 +211,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="dtype for the re-ranker")
     parser.add_argument("--batch-size", type=int, default=8, help="queries per head_logits call")
     parser.add_argument("--images", metavar="DIR", help="the dataset's images, for methods that read them (as for eval)")
+    parser.add_argument("--image-cache-gb", type=float, default=IMAGE_CACHE_GB, metavar="GB",
+                        help=f"bound of the features cached from --images (as for eval; default {IMAGE_CACHE_GB:g})")
 
 
 def _grid(text: str) -> tuple:
@@ -227,7 +231,7 @@ def _run_tune(args) -> None:
     common = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
     result = tune(TuneConfig(method, args.dataset, args.data_root, args.out, args.protocol, args.junk, args.top_k,
                              args.metric, args.depth, args.desc, args.nn, args.weights, args.temperatures,
-                             args.batch_size, common, args.images))
+                             args.batch_size, common, args.images, args.image_cache_gb))
     print(format_grid(result))
     print(f"grid, heat map and the chosen fusion in {Path(args.out).resolve()}; evaluate with "
           f"`locore-plugin eval ... --fusion-from {Path(args.out) / 'tune.json'}`")

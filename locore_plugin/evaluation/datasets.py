@@ -12,6 +12,8 @@ from locore_plugin.progress import progress
 
 from .protocols import DATASET_PROTOCOLS, REVISITED, check_junk_mode, parse_protocols
 
+IMAGE_CACHE_GB = 32.0  # default bound of the features cached from images (ROxford's 4,993 float16 CVNet maps: ~30 GB)
+
 GLOBAL_ROW = "global"
 KAPPAS = (1, 5, 10)
 SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "roxford5k+1m": "ROxf+1M", "rparis6k+1m": "RPar+1M",
@@ -59,6 +61,7 @@ class EvalConfig:
     plots: bool = True
     baseline: str = GLOBAL_ROW  # the row every other row is tested against (paired, per query)
     images: Optional[str] = None  # image folder for methods that read images ({dataset} replaced); default {root}/{dataset}/jpg
+    image_cache_gb: float = IMAGE_CACHE_GB  # the most the features extracted from those images take on disk
 
     def validate(self) -> None:
         if not self.datasets:

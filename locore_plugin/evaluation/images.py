@@ -2,8 +2,8 @@
 descriptor files do not carry: a dense feature map per image (CVNet) is about 12 MB in float32
 at full resolution, so a gallery's maps are never written as descriptor files. The images a
 re-ranker is shown (the queries, cropped to their box, and the shortlisted gallery images) go
-through the extractor the method registers, with the extractor's on-disk cache (maps in float16):
-an interrupted evaluation extracts nothing twice."""
+through the extractor the method registers, with the extractor's on-disk cache (maps in float16,
+its size bounded by ``image_cache_gb``): an interrupted evaluation extracts nothing twice."""
 from __future__ import annotations
 
 from pathlib import Path

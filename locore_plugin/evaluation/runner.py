@@ -148,7 +148,7 @@ def run(config: EvalConfig, log=print) -> dict:
                     built[m.row] = _create(create_reranker, m, common)
                 features = None
                 if m.row in folders:
-                    features = ImageFeatureSource(method_extractor(built[m.row], m, out), folders[m.row], root, dataset)
+                    features = ImageFeatureSource(method_extractor(built[m.row], m, out, config.image_cache_gb), folders[m.row], root, dataset)
                 scores = evaluation.run(built[m.row], config.top_k, config.batch_size or 8, m.row, features)
             cache.put(keys[m.row], scores)
             results[m.row][dataset] = scores
@@ -179,9 +179,10 @@ def reads_descriptor_locals(name: str) -> bool:
     return any(not entries[part].metadata.inputs or "local" in entries[part].metadata.inputs for part in name.split("+"))
 
 
-def method_extractor(reranker, spec: MethodSpec, out: Path):
+def method_extractor(reranker, spec: MethodSpec, out: Path, cache_gb: float):
     """The extractor a method that reads images registers, with what it needs from the re-ranker
-    (its checkpoint) and the on-disk feature cache of the run (dense maps in float16)."""
+    (its checkpoint) and the on-disk feature cache of the run (dense maps in float16, at most
+    ``cache_gb`` GiB, least recently used deleted first)."""
     from locore_plugin.extractors import create_extractor
     from locore_plugin.registry import registered_rerankers
 
@@ -189,7 +190,7 @@ def method_extractor(reranker, spec: MethodSpec, out: Path):
     if name is None:
         raise EvaluationError(f"{spec.row}: {spec.name} reads images but registers no extractor")
     return create_extractor(name, cache_dir=out / "cache" / "features", cache_size=IMAGE_CACHE_SIZE, dense_dtype="float16",
-                            **reranker.extractor_options())
+                            cache_disk_gb=cache_gb, **reranker.extractor_options())
 
 
 def weights_chosen(spec: MethodSpec) -> list[str]:

@@ -24,7 +24,7 @@ from locore_plugin.interface import ImageReranker, ranked
 from locore_plugin.io.atomic import atomic_write
 from locore_plugin.progress import progress
 
-from .datasets import EvaluationError, MethodSpec, load_dataset, resolve_data_root
+from .datasets import IMAGE_CACHE_GB, EvaluationError, MethodSpec, load_dataset, resolve_data_root
 from .images import ImageFeatureSource, image_folder, needs_images
 from .protocols import DATASET_PROTOCOLS, REVISITED, get_protocol
 from .runner import dataset_fingerprint, jsonable, method_extractor, path_stamp, reads_descriptor_locals
@@ -51,6 +51,7 @@ class TuneConfig:
     batch_size: int = 8
     common: dict = field(default_factory=dict)  # device / dtype / batch_size for the re-ranker
     images: Optional[str] = None  # image folder for methods that read images (see EvalConfig.images)
+    image_cache_gb: float = IMAGE_CACHE_GB  # see EvalConfig.image_cache_gb
 
 
 def grid_maps(evaluation: DatasetEvaluation, protocol: str, logits: list, weights, temperatures) -> np.ndarray:
@@ -140,7 +141,10 @@ def tune(config: TuneConfig, log=print) -> dict:
         log(f"{spec.name}: logits read from {cache}")
     else:
         try:
-            features = None if folder is None else ImageFeatureSource(method_extractor(reranker, spec, out), folder, root, config.dataset)
+            features = None
+            if folder is not None:
+                extractor = method_extractor(reranker, spec, out, config.image_cache_gb)
+                features = ImageFeatureSource(extractor, folder, root, config.dataset)
             logits = head_logits(reranker, evaluation, protocol, config.top_k, config.batch_size, features)
         except ValueError as error:
             raise EvaluationError(str(error)) from error

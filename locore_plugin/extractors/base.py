@@ -30,19 +30,21 @@ def list_extractors() -> list[RegistryEntry]:
 
 def create_extractor(
     name: str, cache_dir: Union[str, Path, None] = None, cache_size: int = 1024, dense_dtype: Optional[str] = None,
-    **kwargs,
+    cache_disk_gb: Optional[float] = None, **kwargs,
 ) -> "ImageExtractor":
     """Build the extractor registered as ``name`` with ``kwargs`` passed to its factory.
 
     ``cache_size`` images' features stay in memory (least recently used dropped first);
     ``cache_dir`` also keeps them on disk, keyed by the extractor's settings and the image content;
-    ``dense_dtype="float16"`` keeps dense maps there in half precision (see :class:`FeatureCache`).
+    ``dense_dtype="float16"`` keeps dense maps there in half precision and ``cache_disk_gb`` bounds
+    what the directory holds, least recently used deleted first (see :class:`FeatureCache`).
     """
     extractor = lookup(registered_extractors(), name, "extractor").factory(**kwargs)
     if not isinstance(extractor, ImageExtractor):
         raise TypeError(f"the factory of extractor {name!r} returned {type(extractor).__name__}, not an ImageExtractor")
     extractor.name = name
-    extractor.cache = FeatureCache(cache_size, cache_dir, dense_dtype)
+    disk_limit = None if cache_disk_gb is None else int(cache_disk_gb * 2**30)
+    extractor.cache = FeatureCache(cache_size, cache_dir, dense_dtype, disk_limit)
     return extractor
 
 

@@ -332,6 +332,13 @@ def test_eval_on_the_images_reproduces_the_official_reranked_maps(case, tmp_path
     assert len(cached) == len(case.config["query_names"]) + len(shown)
     with np.load(cached[0]) as stored:
         assert stored["dense"].dtype == np.float16
+    # a bound on the feature cache changes what stays on disk, not the result
+    bound = 3 * max(p.stat().st_size for p in cached)
+    bounded = tmp_path / "bounded"
+    assert main([*args[:-3], "--out", str(bounded), "--no-plots", "--image-cache-gb", str(bound / 2**30)]) == 0
+    assert json.loads((bounded / "results.json").read_text())["results"][case.name] == results[case.name]
+    kept = list((bounded / "cache" / "features").rglob("*.npz"))
+    assert len(kept) < len(cached) and sum(p.stat().st_size for p in kept) <= bound
     # the published procedure works for CVNet too: tune its fusion on the cached logits of the photos
     tuned = tmp_path / "tune"
     assert main(["tune", "--data-root", str(tmp_path / "data"), "--dataset", "cvcase", "--desc", "cvnetg", "--reranker", case.name,

@@ -1,6 +1,7 @@
 """Shared extractor machinery: registry, image loading, crops, cache, descriptor files, rank() on images."""
 import base64
 import pickle
+import time
 
 import cv2
 import numpy as np
@@ -185,6 +186,37 @@ def test_the_disk_cache_survives_instances_and_tells_settings_apart(probe, tmp_p
     assert len(CALLS) == 2
     assert len(list(tmp_path.glob("probe-*/*.npz"))) == 2
     assert [p.suffix for p in tmp_path.rglob("*") if p.is_file()] == [".npz", ".npz"]  # no temporary file left
+
+
+def test_the_disk_cache_bound_deletes_the_least_recently_used_entries(probe, tmp_path):
+    unbounded = create_extractor("probe", cache_dir=tmp_path / "sizes", cache_size=0)
+    sizes = []
+    for seed in (1, 2, 3, 4):
+        unbounded.extract(picture(seed=seed))
+        sizes.append(max(p.stat().st_size for p in (tmp_path / "sizes").rglob("*.npz")))
+    limit = 3 * max(sizes) - 1  # two entries fit, three do not
+    bounded = create_extractor("probe", cache_dir=tmp_path / "bounded", cache_size=0, cache_disk_gb=limit / 2**30)
+
+    def entries():
+        return {p.name for p in (tmp_path / "bounded").rglob("*.npz")}
+
+    names = []
+    for seed in (1, 2, 3):
+        before = entries()
+        bounded.extract(picture(seed=seed))
+        names.append((entries() - before).pop())
+        time.sleep(0.02)  # distinct modification times
+    assert entries() == {names[1], names[2]}  # the oldest went
+    calls = len(CALLS)
+    bounded.extract(picture(seed=2))  # read from disk: now the most recently used
+    assert len(CALLS) == calls
+    time.sleep(0.02)
+    bounded.extract(picture(seed=4))
+    assert len(entries()) == 2 and names[1] in entries() and names[2] not in entries()
+    bounded.extract(picture(seed=1))  # deleted: extracted again
+    assert len(CALLS) == calls + 2
+    with pytest.raises(ValueError, match="disk limit"):
+        create_extractor("probe", cache_dir=tmp_path, cache_disk_gb=0)
 
 
 def test_an_unreadable_disk_cache_entry_is_set_aside_and_recomputed(probe, tmp_path, capsys):
