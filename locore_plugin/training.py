@@ -691,11 +691,11 @@ def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
     if options:
         raise ValueError(f"unknown validation option(s) {sorted(options)}")
     evaluation = DatasetEvaluation(load_dataset(root, dataset, desc, nn=nn, num_locals=num_locals), protocols, junk)
-    baseline = {f"global_{p}_mAP": 100 * r["mAP"] for p, r in evaluation.run(None).items()}
+    baseline = {f"global_{p}_mAP": 100 * r["value"] for p, r in evaluation.run(None).items()}
 
     def validate(reranker) -> dict:
         scores = evaluation.run(reranker, top_k=top_k, batch_size=batch_size, label=f"validation ({reranker.name})")
-        return {**{f"{p}_mAP": 100 * r["mAP"] for p, r in scores.items()}, **baseline}
+        return {**{f"{p}_mAP": 100 * r["value"] for p, r in scores.items()}, **baseline}
 
     return validate
 

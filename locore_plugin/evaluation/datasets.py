@@ -8,16 +8,18 @@ from typing import Optional
 
 import numpy as np
 
+from locore_plugin.data.categories import CATEGORY_DATASETS
 from locore_plugin.progress import progress
 
-from .protocols import DATASET_PROTOCOLS, REVISITED, check_junk_mode, parse_protocols
+from .protocols import DATASET_PROTOCOLS, GLDV2, REVISITED, check_junk_mode, dataset_protocols, parse_protocols
 
 IMAGE_CACHE_GB = 32.0  # default bound of the features cached from images (ROxford's 4,993 float16 CVNet maps: ~30 GB)
 
 GLOBAL_ROW = "global"
 KAPPAS = (1, 5, 10)
 SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "roxford5k+1m": "ROxf+1M", "rparis6k+1m": "RPar+1M",
-               "synthetic": "Synth", "gldv2-test": "GLDv2", "gldv2-val": "GLDv2-val"}
+               "synthetic": "Synth", "gldv2-test": "GLDv2", "gldv2-val": "GLDv2-val", "sop": "SOP",
+               "inshop": "In-shop", "cub200": "CUB", "synthetic-sop": "Synth-SOP"}
 
 
 class EvaluationError(RuntimeError):
@@ -67,10 +69,14 @@ class EvalConfig:
         if not self.datasets:
             raise EvaluationError("no dataset given")
         check_junk_mode(self.junk)
-        outside = [p.name for p in parse_protocols(self.protocols) if p.name not in REVISITED]
+        try:
+            outside = [p.name for p in parse_protocols(self.protocols) if p.scoring == GLDV2]
+        except ValueError as error:
+            raise EvaluationError(str(error)) from None
         if outside:
             raise EvaluationError(f"protocols {outside} belong to GLDv2 datasets, which are scored under their own; "
-                                  f"`protocols` chooses among {list(REVISITED)} for the revisited datasets")
+                                  f"`protocols` chooses among {list(REVISITED)} for the revisited datasets and "
+                                  "r@K / map@r for the category ones")
         if self.metric not in ("standard", "truncated"):
             raise EvaluationError(f"metric must be 'standard' or 'truncated', got {self.metric!r}")
         if self.top_k < 1:
@@ -96,10 +102,11 @@ def resolve_data_root(data_root: Optional[str]) -> Path:
 class EvalData:
     """What the runner needs of one dataset.
 
-    ``gnd``: the pickle's per-query list (``easy``/``hard``/``junk``); ``queries``: one
-    ImageFeatures per query; ``gallery(ids)``: the ImageFeatures of gallery images ``ids``, read
-    lazily; ``ranking`` [nq, n]: the global ranking (full gallery, or the top-K shortlist for the
-    truncated metric) and ``scores`` [nq, n] the global similarities aligned with it, which the
+    ``gnd``: the pickle's per-query list (``easy``/``hard``/``junk``), or a :class:`CategoryTruth`
+    for the category benchmarks; ``queries``: one ImageFeatures per query (a sequence, read lazily
+    for the category benchmarks); ``gallery(ids)``: the ImageFeatures of gallery images ``ids``,
+    read lazily; ``ranking`` [nq, n]: the global ranking (full gallery, or the top-K shortlist for
+    the truncated metric and the category benchmarks) and ``scores`` [nq, n] the global similarities aligned with it, which the
     re-rankers receive.
     """
 
@@ -155,7 +162,7 @@ def full_ranking(sims: np.ndarray, nn: Optional[tuple[np.ndarray, np.ndarray]] =
 
 def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Optional[str] = None,
                  depth: Optional[int] = None, cache_dir=None, num_locals: Optional[int] = None,
-                 with_local: bool = True) -> EvalData:
+                 with_local: bool = True, protocols=REVISITED, top_k: int = 100) -> EvalData:
     """Open ``{root}/{dataset}`` (``name+1m`` adds the revisitop1m distractors) in the official layout.
 
     ``metric="standard"`` ranks the whole gallery (exact inner products; a published ``nn_{nn}.pkl``
@@ -163,8 +170,15 @@ def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Op
     (``nn_{nn}.pkl``, or exact faiss search, cached), as the AMES/LoCoRE code does, and so do the
     GLDv2 datasets always (their metric reads the first 100). ``with_local=False`` opens the
     global descriptors only (no method of the run reads locals, so the local file may be absent).
+    A category benchmark (SOP, In-shop, CUB-200) ranks its global top-``depth`` shortlist (default:
+    the longest of ``top_k`` and its ``protocols``' R@K), see :func:`load_category_dataset`.
     """
     from locore_plugin.io.descriptors import open_revisited
+
+    if dataset in CATEGORY_DATASETS:
+        if depth is None:
+            depth = max(p.k for p in dataset_protocols(dataset, protocols))
+        return load_category_dataset(root, dataset, desc, depth, top_k, cache_dir, num_locals, with_local)
 
     base, plus1m = (dataset[: -len("+1m")], True) if dataset.endswith("+1m") else (dataset, False)
     try:
@@ -180,3 +194,61 @@ def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Op
     return EvalData(
         dataset, data.gnd, data.queries.features(np.arange(len(data.queries))), data.gallery.features, ranking, scores
     )
+
+
+@dataclass(frozen=True)
+class CategoryTruth:
+    """The ground truth of a category benchmark: one label per query and per gallery image, and
+    whether the queries are the gallery images themselves (each left out of its own ranking)."""
+
+    query_labels: np.ndarray
+    gallery_labels: np.ndarray
+    exclude_self: bool
+
+    def __len__(self) -> int:
+        return len(self.query_labels)
+
+
+def load_category_dataset(root, dataset: str, desc: str, depth: int, top_k: int = 100, cache_dir=None,
+                          num_locals: Optional[int] = None, with_local: bool = True) -> EvalData:
+    """Open a category benchmark (``CATEGORY_DATASETS``: its split files and ``{desc}_{split}_*``
+    descriptor files in ``{root}/{dataset}``) with its global shortlist: ``depth`` (the deepest
+    Recall@K) and the largest R of mAP@R must fit in what each query ranks, ``top_k`` (re-ranked)
+    is added where it fits; built block by block (see ``build_shortlist``) and cached."""
+    from locore_plugin.evaluation.metrics import relevant_counts
+    from locore_plugin.io.descriptors import DescriptorSet, cached_shortlist, descriptor_paths
+
+    bench = CATEGORY_DATASETS[dataset]
+    folder = Path(root) / dataset
+    try:
+        splits = bench.read(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise EvaluationError(f"{dataset} ({bench.name} layout): {error}") from None
+
+    def descriptors(split: str):
+        local, glob = descriptor_paths(folder, desc, split)
+        missing = [str(path) for path in ((local, glob) if with_local else (glob,)) if not path.is_file()]
+        if missing:
+            raise EvaluationError(f"{dataset}: {', '.join(missing)} missing; write them with `locore-plugin extract "
+                                  f"EXTRACTOR --benchmark {bench.name} --images {folder} --out {folder} --desc {desc}`")
+        try:
+            return DescriptorSet([(local if with_local else None, glob)], [len(splits[split])], num_locals)
+        except ValueError as error:
+            raise EvaluationError(f"{dataset}: {error} (the {split} split of {bench.marker} lists {len(splits[split])})") from None
+
+    gallery = descriptors(bench.gallery_split)
+    queries = gallery if bench.queries_are_gallery else descriptors(bench.query_split)
+    truth = CategoryTruth(splits[bench.query_split].labels, splits[bench.gallery_split].labels, bench.queries_are_gallery)
+    relevant = relevant_counts(truth.query_labels, truth.gallery_labels, exclude_self=truth.exclude_self)
+    if (relevant < 1).any():
+        raise EvaluationError(f"{dataset}: queries {np.flatnonzero(relevant < 1)[:10].tolist()} have no same-label "
+                              "gallery image (mAP@R and Recall@K are undefined for them)")
+    depth = max(int(depth), int(relevant.max()))
+    ranked = len(gallery) - int(truth.exclude_self)
+    if depth > ranked:
+        raise EvaluationError(f"{dataset}: a ranking of depth {depth} (Recall@K, R of mAP@R) asked, but each query ranks "
+                              f"{ranked} images; choose smaller R@K with --protocols (e.g. r@1,r@10,map@r)")
+    depth = min(max(depth, int(top_k)), ranked)
+    cache = Path(cache_dir or folder) / f"nn_{desc}_{bench.query_split}_exact.pkl"
+    sims, idx = cached_shortlist(cache, queries, gallery, depth, exclude_self=truth.exclude_self)
+    return EvalData(dataset, truth, queries, gallery.features, idx, sims)

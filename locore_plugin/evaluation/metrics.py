@@ -124,12 +124,18 @@ def recall_at_k(ranks, query_labels, gallery_labels, ks: Sequence[int] = (1, 10,
     ``ranks`` [n, nq] as in :func:`compute_map` (the query itself already left out where queries
     are gallery images). Returns one value per ``k``, as a fraction.
     """
-    hits = _label_hits(ranks, query_labels, gallery_labels, "recall_at_k")
+    return recall_hits(ranks, query_labels, gallery_labels, ks).mean(1)
+
+
+def recall_hits(ranks, query_labels, gallery_labels, ks: Sequence[int]) -> np.ndarray:
+    """[len(ks), nq] bool: whether each query has a same-label item in its top k (the terms of Recall@k)."""
     ks = np.asarray(ks, dtype=np.int64).reshape(-1)
-    if (ks < 1).any() or (ks > hits.shape[0]).any():
-        raise ValueError(f"ks must lie in [1, {hits.shape[0]}] (the ranked list length), got {ks.tolist()}")
+    n = np.asarray(ranks).shape[0] if np.ndim(ranks) == 2 else 0
+    if (ks < 1).any() or (ks > n).any():
+        raise ValueError(f"ks must lie in [1, {n}] (the ranked list length), got {ks.tolist()}")
+    hits = _label_hits(np.asarray(ranks)[: int(ks.max())], query_labels, gallery_labels, "recall_at_k")
     first = np.where(hits.any(0), hits.argmax(0), hits.shape[0])  # 0-based position of the first hit
-    return (first[None, :] < ks[:, None]).mean(1)
+    return first[None, :] < ks[:, None]
 
 
 def map_at_r(ranks, query_labels, gallery_labels, *, exclude_self: bool = False) -> float:
@@ -139,20 +145,30 @@ def map_at_r(ranks, query_labels, gallery_labels, *, exclude_self: bool = False)
     (queries are gallery images and ``ranks`` omits each query itself). ``ranks`` [n, nq] must hold
     at least R rows for every query.
     """
-    hits = _label_hits(ranks, query_labels, gallery_labels, "map_at_r")
+    return float(ap_at_r(ranks, query_labels, gallery_labels, exclude_self=exclude_self).mean())
+
+
+def relevant_counts(query_labels, gallery_labels, *, exclude_self: bool = False) -> np.ndarray:
+    """R per query: the gallery items sharing its label (minus itself with ``exclude_self``)."""
     query_labels = np.asarray(query_labels).ravel()
-    gallery_labels = np.asarray(gallery_labels).ravel()
-    values, counts = np.unique(gallery_labels, return_counts=True)
+    values, counts = np.unique(np.asarray(gallery_labels).ravel(), return_counts=True)
     where = np.searchsorted(values, query_labels).clip(0, len(values) - 1)
-    r = np.where(values[where] == query_labels, counts[where], 0) - int(exclude_self)
+    return np.where(values[where] == query_labels, counts[where], 0) - int(exclude_self)
+
+
+def ap_at_r(ranks, query_labels, gallery_labels, *, exclude_self: bool = False) -> np.ndarray:
+    """[nq] the per-query terms of :func:`map_at_r` (AP within the first R)."""
+    r = relevant_counts(query_labels, gallery_labels, exclude_self=exclude_self)
     if (r < 1).any():
         raise ValueError(f"queries {np.flatnonzero(r < 1)[:10].tolist()} have no relevant gallery item")
-    if r.max() > hits.shape[0]:
-        raise ValueError(f"mAP@R needs R = {int(r.max())} ranked items for some query, the lists hold {hits.shape[0]}")
+    n = np.asarray(ranks).shape[0] if np.ndim(ranks) == 2 else 0
+    if r.max() > n:
+        raise ValueError(f"mAP@R needs R = {int(r.max())} ranked items for some query, the lists hold {n}")
+    hits = _label_hits(np.asarray(ranks)[: int(r.max())], query_labels, gallery_labels, "map_at_r")
     depth = np.arange(1, hits.shape[0] + 1)[:, None]
-    within = depth <= r[None, :]
-    precision = np.cumsum(hits & within, 0) / depth
-    return float(((precision * (hits & within)).sum(0) / r).mean())
+    relevant = hits & (depth <= r[None, :])
+    precision = np.cumsum(relevant, 0) / depth
+    return (precision * relevant).sum(0) / r
 
 
 def _label_hits(ranks, query_labels, gallery_labels, caller: str) -> np.ndarray:

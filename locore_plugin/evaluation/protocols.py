@@ -20,6 +20,10 @@ Junk handling before re-ranking is a separate, explicit choice:
 Images that leave the shortlist are moved, in their order, behind every other gallery image.
 They are always junk under the protocol's own scoring, so where they end up never changes a
 score; it only frees their shortlist slots for the next images of the global ranking.
+
+GLDv2 retrieval and the category-level benchmarks (SOP, In-shop, CUB-200) have protocols of
+their own: GLDv2's public / private / combined mAP, and ``r@K`` (Recall@K) / ``map@r`` (mAP@R)
+on the final ranking of the category datasets; nothing leaves their shortlists.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from locore_plugin.data.categories import CATEGORY_DATASETS
 
 from .metrics import revisited_gnd
 
@@ -36,22 +42,25 @@ JUNK_MODES = ("keep", "remove")
 GLDV2 = "gldv2"  # the scoring of the GLDv2 retrieval protocols
 GLDV2_PRIVATE_QUERIES = 750  # the last 750 test queries form the private split (AMES / ELViS utils/revisited.py)
 GLDV2_MAP_DEPTH = 100  # their map_k: the first 100 of each ranking are scored
+CATEGORY = "category"  # the scoring of the category-level protocols (labels, not gnd lists)
 
 
 @dataclass(frozen=True)
 class Protocol:
-    name: str  # "medium", "hard", "hard*"; GLDv2: "public", "private", "combined"
+    name: str  # "medium", "hard", "hard*"; GLDv2: "public", "private", "combined"; "r@K", "map@r"
     label: str  # table column header
-    scoring: str  # the revisitop protocol that scores it (metrics.revisited_gnd), or GLDV2
+    scoring: str  # the revisitop protocol that scores it (metrics.revisited_gnd), GLDV2 or CATEGORY
     easy_leaves: bool  # easy images leave the database before the shortlist is built
+    k: int = 0  # Recall@k for the category "r@K" protocols; 0 otherwise
 
     def removed_keys(self, junk: str) -> tuple[str, ...]:
         """The ground-truth lists whose images leave the shortlist under junk mode ``junk``.
 
         Protocols with equal keys see identical shortlists, so one re-ranking serves them all
-        (Medium and Hard always do). GLDv2 has no junk: nothing leaves (as in the official code)."""
+        (Medium and Hard always do). GLDv2 and the category datasets have no junk: nothing leaves
+        (as in the official code)."""
         check_junk_mode(junk)
-        if self.scoring == GLDV2:
+        if self.scoring in (GLDV2, CATEGORY):
             return ()
         return (("junk",) if junk == "remove" else ()) + (("easy",) if self.easy_leaves else ())
 
@@ -74,16 +83,33 @@ HARD_STAR = Protocol("hard*", "Hard*", "hard", easy_leaves=True)
 PUBLIC = Protocol("public", "Public", GLDV2, easy_leaves=False)
 PRIVATE = Protocol("private", "Private", GLDV2, easy_leaves=False)
 COMBINED = Protocol("combined", "Combined", GLDV2, easy_leaves=False)
-PROTOCOLS = {p.name: p for p in (MEDIUM, HARD, HARD_STAR, PUBLIC, PRIVATE, COMBINED)}
+MAP_AT_R = Protocol("map@r", "mAP@R", CATEGORY, easy_leaves=False)
+PROTOCOLS = {p.name: p for p in (MEDIUM, HARD, HARD_STAR, PUBLIC, PRIVATE, COMBINED, MAP_AT_R)}
 REVISITED = ("medium", "hard", "hard*")
 # Datasets with protocols of their own (the official GLDv2 layout): the `protocols` option of an
-# evaluation is for the revisited datasets.
+# evaluation chooses among the revisited ones for the revisited datasets, and among r@K / map@r
+# for the category ones.
 DATASET_PROTOCOLS = {"gldv2-test": ("public", "private", "combined"), "gldv2-val": ("public",)}
 
 
+def recall_protocol(k: int) -> Protocol:
+    """Recall@k of a category benchmark (the share of queries with a same-label image in the top k)."""
+    if int(k) < 1:
+        raise ValueError(f"Recall@k needs k >= 1, got {k}")
+    return Protocol(f"r@{int(k)}", f"R@{int(k)}", CATEGORY, easy_leaves=False, k=int(k))
+
+
 def dataset_protocols(dataset: str, requested) -> list["Protocol"]:
-    """The protocols ``dataset`` is scored under: its own (GLDv2), else the ``requested`` ones."""
-    return parse_protocols(DATASET_PROTOCOLS.get(dataset, requested))
+    """The protocols ``dataset`` is scored under: GLDv2's own; for a category dataset the requested
+    r@K / map@r, or its benchmark's R@K and mAP@R when none is requested; else the requested
+    revisited ones (all three when none is)."""
+    if dataset in DATASET_PROTOCOLS:
+        return parse_protocols(DATASET_PROTOCOLS[dataset])
+    requested = parse_protocols(requested)
+    if dataset in CATEGORY_DATASETS:
+        chosen = [p for p in requested if p.scoring == CATEGORY]
+        return chosen or [*(recall_protocol(k) for k in CATEGORY_DATASETS[dataset].recall_ks), MAP_AT_R]
+    return [p for p in requested if p.scoring not in (GLDV2, CATEGORY)] or parse_protocols(REVISITED)
 
 
 def query_rows(protocol: "Protocol", num_queries: int, dataset: str) -> np.ndarray:
@@ -99,12 +125,14 @@ _ALIASES = {"m": "medium", "h": "hard", "h*": "hard*", "hardstar": "hard*", "har
 
 
 def get_protocol(name: str) -> Protocol:
-    """``medium``/``hard``/``hard*`` (or ``M``, ``H``, ``H*``, ``hardstar``)."""
+    """``medium``/``hard``/``hard*`` (or ``M``, ``H``, ``H*``, ``hardstar``), GLDv2's, ``r@K``, ``map@r``."""
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
+    if key.startswith("r@") and key[2:].isdigit():
+        return recall_protocol(int(key[2:]))
     if key not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; expected one of {list(REVISITED)} (or M, H, H*), or GLDv2's "
-                         "public / private / combined")
+        raise ValueError(f"unknown protocol {name!r}; expected one of {list(REVISITED)} (or M, H, H*), GLDv2's "
+                         "public / private / combined, or a category benchmark's r@K / map@r")
     return PROTOCOLS[key]
 
 

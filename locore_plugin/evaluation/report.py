@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from locore_plugin.data.categories import CATEGORY_DATASETS
 from locore_plugin.io.atomic import atomic_write
 
 from .datasets import GLOBAL_ROW, SHORT_NAMES
@@ -16,7 +17,7 @@ from .protocols import DATASET_PROTOCOLS, get_protocol
 from .significance import PERMUTATIONS, compare
 
 # Per-query lists of a result that the summary JSON leaves to per_query_ap.csv.
-PER_QUERY_KEYS = ("aps", "shortlist_positives")
+PER_QUERY_KEYS = ("per_query", "shortlist_positives")
 
 
 def _slug(text: str) -> str:
@@ -47,7 +48,7 @@ def compare_rows(report: dict, baseline: str) -> dict:
         for d, p in _columns(report):
             a, b = base.get(d, {}).get(p), per_dataset.get(d, {}).get(p)
             if a is not None and b is not None:
-                out.setdefault(row, {}).setdefault(d, {})[p] = compare(a["aps"], b["aps"]).as_dict()
+                out.setdefault(row, {}).setdefault(d, {})[p] = compare(a["per_query"], b["per_query"]).as_dict()
     return out
 
 
@@ -70,21 +71,27 @@ def format_table(report: dict) -> str:
     """Markdown: the supplementary Table B layout (rows = methods, columns = protocols per dataset,
     mAP x 100), then each row's paired difference to the baseline row."""
     def map_cell(row, d, p):
-        value = report["results"][row].get(d, {}).get(p, {}).get("mAP")
+        value = report["results"][row].get(d, {}).get(p, {}).get("value")
         return "" if value is None or np.isnan(value) else f"{100 * value:.1f}"
 
     s = report["settings"]
-    note = (f"mAP (%), revisitop {'truncated top-K (AMES/LoCoRE code)' if s['metric'] == 'truncated' else 'standard'} "
-            f"metric; top-{s['top_k']} re-ranked; junk: {s['junk']}")
+    notes = [f"top-{s['top_k']} re-ranked"]
+    if any(d not in DATASET_PROTOCOLS and d not in CATEGORY_DATASETS for d in s["datasets"]):
+        notes.append(f"mAP (%), revisitop {'truncated top-K (AMES/LoCoRE code)' if s['metric'] == 'truncated' else 'standard'} "
+                     f"metric; junk: {s['junk']}")
     if any(d in DATASET_PROTOCOLS for d in s["datasets"]):
-        note += "; GLDv2: rectangular AP on the first 100 (AMES / ELViS code)"
+        notes.append("GLDv2: mAP (%), rectangular AP on the first 100 (AMES / ELViS code)")
+    if any(d in CATEGORY_DATASETS for d in s["datasets"]):
+        notes.append("SOP / In-shop / CUB-200: Recall@K and mAP@R (%) of the final ranking (the query itself left out "
+                     "where queries are gallery images)")
+    note = "; ".join(notes)
     text = "\n".join(_table(report, map_cell)) + f"\n\n{note}\n"
     comparisons, baseline = report.get("comparisons"), s.get("baseline")
     if comparisons:
         def diff_cell(row, d, p):
             return "(baseline)" if row == baseline else _comparison_cell(comparisons.get(row, {}).get(d, {}).get(p))
 
-        text += (f"\nDifference to {baseline} (mAP points, paired over queries): 95% bootstrap interval and two-sided "
+        text += (f"\nDifference to {baseline} (points of each column's measure, paired over queries): 95% bootstrap interval and two-sided "
                  f"randomization p ({PERMUTATIONS:,} sign flips, or all of them when fewer; seed 0)\n\n"
                  + "\n".join(_table(report, diff_cell)) + "\n")
     return text
@@ -103,7 +110,7 @@ def write_outputs(report: dict, out: Path, plots: bool = True, fresh=None) -> No
         header += [f"{_header(d, p)} {key} vs {baseline}" for d, p in columns for key in ("diff", "ci low", "ci high", "p")]
     rows = [header]
     for row, per_dataset in report["results"].items():
-        cells = [row, *(_csv_number(per_dataset.get(d, {}).get(p, {}).get("mAP")) for d, p in columns)]
+        cells = [row, *(_csv_number(per_dataset.get(d, {}).get(p, {}).get("value")) for d, p in columns)]
         if comparisons:
             for d, p in columns:
                 c = comparisons.get(row, {}).get(d, {}).get(p)
@@ -123,7 +130,7 @@ def write_outputs(report: dict, out: Path, plots: bool = True, fresh=None) -> No
     per_query = [["dataset", "protocol", "query", "positives_in_shortlist", *report["results"]]]
     for d, p in columns:
         per_row = [per.get(d, {}).get(p, {}) for per in report["results"].values()]
-        aps = [r.get("aps") for r in per_row]
+        aps = [r.get("per_query") for r in per_row]
         positives = shortlist_positives(per_row)
         n = max((len(a) for a in aps if a), default=0)
         for q in range(n):
@@ -183,8 +190,8 @@ def write_plots(report: dict, folder: Path, fresh=None) -> list[Path]:
                 continue
             fig, axes = plt.subplots(1, len(protocols), figsize=(3.2 * len(protocols), 3.4), squeeze=False)
             for ax, p in zip(axes[0], protocols):
-                x = np.array([np.nan if v is None else v for v in ra[p]["aps"]], float) * 100
-                y = np.array([np.nan if v is None else v for v in rb[p]["aps"]], float) * 100
+                x = np.array([np.nan if v is None else v for v in ra[p]["per_query"]], float) * 100
+                y = np.array([np.nan if v is None else v for v in rb[p]["per_query"]], float) * 100
                 positives = shortlist_positives([rb[p], ra[p]])
                 if positives is None:
                     ax.scatter(x, y, s=12, alpha=0.8)
@@ -196,7 +203,7 @@ def write_plots(report: dict, folder: Path, fresh=None) -> list[Path]:
                 ax.text(2, 98, f"above {above}", va="top", fontsize=8)
                 ax.text(98, 2, f"below {below}" + (f", on {on}" if on else ""), ha="right", fontsize=8)
                 ax.set(xlim=(-2, 102), ylim=(-2, 102), xlabel=f"{a} AP", ylabel=f"{b} AP",
-                       title=f"{_header(dataset, p)}: {100 * ra[p]['mAP']:.1f} vs {100 * rb[p]['mAP']:.1f}")
+                       title=f"{_header(dataset, p)}: {100 * ra[p]['value']:.1f} vs {100 * rb[p]['value']:.1f}")
                 ax.set_aspect("equal")
             fig.tight_layout()
             fig.savefig(path, dpi=110)

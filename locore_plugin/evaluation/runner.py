@@ -18,9 +18,10 @@ from .protocols import dataset_protocols, parse_protocols
 from .report import _slug, compare_rows, write_outputs
 from .scoring import DatasetEvaluation
 
-# Bumped when what a cached result holds changes (2: per-query shortlist positives), so older
+# Bumped when what a cached result holds changes (2: per-query shortlist positives; 3: value /
+# per_query, the keys of every measure), so older
 # entries are recomputed rather than read without it.
-RESULT_FORMAT = 2
+RESULT_FORMAT = 3
 
 
 def jsonable(value):
@@ -86,8 +87,10 @@ def _settings(config: EvalConfig) -> dict:
 def run(config: EvalConfig, log=print) -> dict:
     """Evaluate every method on every dataset (cached), write the tables and plots, return the results.
 
-    Returns ``{"settings": ..., "results": {row: {dataset: {protocol: {mAP, mP@k, aps,
-    shortlist_positives}}}}, "comparisons": {row: {dataset: {protocol: paired test vs the baseline}}}}``.
+    Returns ``{"settings": ..., "results": {row: {dataset: {protocol: {value, per_query,
+    mP@k (revisited), shortlist_positives}}}}, "comparisons": {row: {dataset: {protocol: paired
+    test vs the baseline}}}}``: ``value`` is the column's measure (mAP for the revisited and GLDv2
+    protocols, R@K or mAP@R for the category ones), ``per_query`` its per-query terms (AP, hit, AP@R).
     """
     from locore_plugin.registry import create_reranker, is_reranker_name
 
@@ -138,7 +141,7 @@ def run(config: EvalConfig, log=print) -> dict:
         log(f"{dataset}: loading (rows to compute: {', '.join(m.row for m in todo)})")
         with_local = any(reads_descriptor_locals(m.name) for m in todo if m.name != GLOBAL_ROW)
         data = load_dataset(root, dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache",
-                            with_local=with_local)
+                            with_local=with_local, protocols=config.protocols, top_k=config.top_k)
         evaluation = DatasetEvaluation(data, config.protocols, config.junk, config.metric)
         for m in progress(todo, desc=dataset, unit="method"):
             if m.name == GLOBAL_ROW:

@@ -1,5 +1,6 @@
 """Re-ranking the head of each global ranking and scoring it per protocol (the Medium / Hard /
-Hard* rules of :mod:`locore_plugin.evaluation.protocols`, revisitop's ``compute_map``)."""
+Hard* rules of :mod:`locore_plugin.evaluation.protocols`, revisitop's ``compute_map``; GLDv2's
+rectangular AP; Recall@K and mAP@R of the category benchmarks)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,10 @@ import numpy as np
 from locore_plugin.progress import progress
 
 from .datasets import KAPPAS, EvalData, EvaluationError
-from .metrics import compute_map
-from .protocols import GLDV2, GLDV2_MAP_DEPTH, Protocol, dataset_protocols, prepare_ranking, query_rows
+from .metrics import ap_at_r, compute_map, recall_hits
+from .protocols import CATEGORY, GLDV2, GLDV2_MAP_DEPTH, Protocol, dataset_protocols, prepare_ranking, query_rows
+
+CATEGORY_BLOCK = 4096  # queries scored at once on a category benchmark (SOP: 60,502 queries x 1,000 ranks)
 
 
 def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, batch_size: int = 8, desc: str = ""):
@@ -44,18 +47,44 @@ def score_ranking(ranking: np.ndarray, gnd, protocol: Protocol, metric: str = "s
     rectangular AP (normalised by min(positives, 100); no positive there: AP 0), over their queries.
 
     ``head`` (images re-ranked per query) adds ``shortlist_positives``: the protocol's positives
-    among them, per scored query, the colouring of the supplementary's Figure A."""
+    among them, per scored query, the colouring of the supplementary's Figure A.
+
+    Category protocols (``gnd`` a :class:`~locore_plugin.evaluation.datasets.CategoryTruth`)
+    score Recall@k (per query: a same-label image in the top k) or mAP@R (per query: AP@R) of
+    the ranked lists, queries in blocks so that memory stays bounded."""
+    if protocol.scoring == CATEGORY:
+        return _score_categories(ranking, gnd, protocol, head)
     rows = query_rows(protocol, len(gnd), dataset) if protocol.scoring == GLDV2 else np.arange(len(gnd))
     scoring = protocol.scoring_gnd([gnd[q] for q in rows])
     if protocol.scoring == GLDV2:
         mean_ap, aps, mpr, _ = compute_map(ranking[rows, :GLDV2_MAP_DEPTH].T, scoring, kappas, truncated=True, rectangular=True)
     else:
         mean_ap, aps, mpr, _ = compute_map(ranking.T, scoring, kappas, truncated=metric == "truncated")
-    out = {"mAP": float(mean_ap), "mP@k": [float(v) for v in mpr], "aps": [None if np.isnan(a) else float(a) for a in aps]}
+    out = {"value": float(mean_ap), "mP@k": [float(v) for v in mpr],
+           "per_query": [None if np.isnan(a) else float(a) for a in aps]}
     if head is not None:
         out["shortlist_positives"] = [
             int(np.isin(ranking[q, : int(head[q])], entry["ok"]).sum()) for q, entry in zip(rows, scoring)
         ]
+    return out
+
+
+def _score_categories(ranking: np.ndarray, truth, protocol: Protocol, head=None) -> dict:
+    per_query, positives = np.empty(len(truth)), np.empty(len(truth), np.int64)
+    for start in range(0, len(truth), CATEGORY_BLOCK):
+        rows = slice(start, start + CATEGORY_BLOCK)
+        ranks, labels = ranking[rows].T, truth.query_labels[rows]
+        if protocol.k:
+            per_query[rows] = recall_hits(ranks, labels, truth.gallery_labels, [protocol.k])[0]
+        else:
+            per_query[rows] = ap_at_r(ranks, labels, truth.gallery_labels, exclude_self=truth.exclude_self)
+        if head is not None:
+            depth = int(np.max(head[rows]))
+            hits = truth.gallery_labels[ranking[rows, :depth]] == labels[:, None]
+            positives[rows] = (hits & (np.arange(depth) < np.asarray(head[rows])[:, None])).sum(1)
+    out = {"value": float(per_query.mean()), "per_query": per_query.tolist()}
+    if head is not None:
+        out["shortlist_positives"] = positives.tolist()
     return out
 
 

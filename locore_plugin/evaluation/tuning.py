@@ -26,7 +26,7 @@ from locore_plugin.progress import progress
 
 from .datasets import IMAGE_CACHE_GB, EvaluationError, MethodSpec, load_dataset, resolve_data_root
 from .images import ImageFeatureSource, image_folder, needs_images
-from .protocols import DATASET_PROTOCOLS, REVISITED, get_protocol
+from .protocols import CATEGORY, REVISITED, dataset_protocols, get_protocol
 from .runner import dataset_fingerprint, jsonable, method_extractor, path_stamp, reads_descriptor_locals
 from .scoring import DatasetEvaluation, score_ranking
 
@@ -67,7 +67,7 @@ def grid_maps(evaluation: DatasetEvaluation, protocol: str, logits: list, weight
                 d = len(logit)
                 final[q, :d] = ranking[q, :d][ranked(fuse_scores(scores[q, :d], logit, float(w), float(t))).order]
             maps[i, j] = score_ranking(final, evaluation.data.gnd, protocol, evaluation.metric, evaluation.kappas,
-                                       evaluation.data.name)["mAP"]
+                                       evaluation.data.name)["value"]
     return maps
 
 
@@ -108,8 +108,8 @@ def tune(config: TuneConfig, log=print) -> dict:
     if any(not 0.0 <= float(w) <= 1.0 for w in config.weights):
         raise EvaluationError(f"fusion weights must lie in [0, 1], got {list(config.weights)}")
     spec = config.method
-    allowed = DATASET_PROTOCOLS.get(config.dataset, REVISITED)
-    try:
+    try:  # the dataset's protocols, the requested one among them if it is of the dataset's kind
+        allowed = [p.name for p in dataset_protocols(config.dataset, [config.protocol] if config.protocol else REVISITED)]
         protocol = get_protocol(config.protocol or allowed[0]).name
     except ValueError as error:
         raise EvaluationError(str(error)) from None
@@ -133,7 +133,7 @@ def tune(config: TuneConfig, log=print) -> dict:
     })
     cache = out / "cache" / f"logits-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.npz"
     data = load_dataset(root, config.dataset, config.desc, config.metric, config.nn, config.depth, cache_dir=out / "cache",
-                        with_local=reads_descriptor_locals(spec.name))
+                        with_local=reads_descriptor_locals(spec.name), protocols=[protocol], top_k=config.top_k)
     evaluation = DatasetEvaluation(data, [protocol], config.junk, config.metric)
     if cache.is_file():
         with np.load(cache) as stored:
@@ -157,26 +157,33 @@ def tune(config: TuneConfig, log=print) -> dict:
     result = {
         "method": spec.name, "dataset": config.dataset, "protocol": protocol, "metric": config.metric,
         "top_k": config.top_k, "weights": [float(w) for w in config.weights],
-        "temperatures": [float(t) for t in config.temperatures], "mAP": (100 * maps).round(4).tolist(),
+        "temperatures": [float(t) for t in config.temperatures], "measure": measure_name(protocol),
+        "grid": (100 * maps).round(4).tolist(),
         "best": {"fusion": [float(config.weights[best[0]]), float(config.temperatures[best[1]])],
-                 "mAP": round(100 * float(maps[best]), 4)},
+                 "value": round(100 * float(maps[best]), 4)},
         "settings": key,
     }
     write_tuning(result, out)
     return result
 
 
+def measure_name(protocol: str) -> str:
+    """What a protocol's column holds: mAP (revisited, GLDv2), or the category measure (R@K, mAP@R)."""
+    p = get_protocol(protocol)
+    return p.label if p.scoring == CATEGORY else "mAP"
+
+
 def format_grid(result: dict) -> str:
     """The grid as a Markdown table: rows = weight, columns = temperature, the best in bold."""
     best = result["best"]["fusion"]
-    lines = [f"{result['method']} on {result['dataset']} ({result['protocol']}, top {result['top_k']}): mAP by fusion "
+    lines = [f"{result['method']} on {result['dataset']} ({result['protocol']}, top {result['top_k']}): {result['measure']} by fusion "
              "weight (rows) and temperature (columns)", "",
              "| weight \\ T | " + " | ".join(f"{t:g}" for t in result["temperatures"]) + " |",
              "|---" * (len(result["temperatures"]) + 1) + "|"]
-    for w, row in zip(result["weights"], result["mAP"]):
+    for w, row in zip(result["weights"], result["grid"]):
         cells = [f"**{v:.2f}**" if [w, t] == best else f"{v:.2f}" for t, v in zip(result["temperatures"], row)]
         lines.append(f"| {w:g} | " + " | ".join(cells) + " |")
-    lines += ["", f"best: fusion = ({best[0]:g}, {best[1]:g}), mAP {result['best']['mAP']:.2f}"]
+    lines += ["", f"best: fusion = ({best[0]:g}, {best[1]:g}), {result['measure']} {result['best']['value']:.2f}"]
     return "\n".join(lines)
 
 
@@ -189,14 +196,14 @@ def write_tuning(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "tune.md", format_grid(result) + "\n")
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    image = ax.imshow(np.asarray(result["mAP"]), origin="lower", cmap="viridis", aspect="auto")
+    image = ax.imshow(np.asarray(result["grid"]), origin="lower", cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(result["temperatures"])), [f"{t:g}" for t in result["temperatures"]])
     ax.set_yticks(range(len(result["weights"])), [f"{w:g}" for w in result["weights"]])
     ax.set(xlabel="temperature", ylabel="weight of the global similarity",
-           title=f"{result['method']} on {result['dataset']} ({result['protocol']}): best {result['best']['mAP']:.2f}")
+           title=f"{result['method']} on {result['dataset']} ({result['protocol']}): best {result['best']['value']:.2f}")
     w, t = result["best"]["fusion"]
     ax.scatter([result["temperatures"].index(t)], [result["weights"].index(w)], marker="*", s=160, color="red")
-    fig.colorbar(image, ax=ax, label="mAP")
+    fig.colorbar(image, ax=ax, label=result["measure"])
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

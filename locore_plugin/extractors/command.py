@@ -79,19 +79,40 @@ def _revisited_splits(folder: Path, gnd_path: Path) -> dict[str, tuple[list[Path
             "gallery": (paths(info["imlist"]), None)}
 
 
+def _benchmark_splits(folder: Path, benchmark: str) -> dict[str, tuple[list[Path], None]]:
+    """Every split of a category benchmark (SOP, In-shop, CUB-200) as its split files list it."""
+    from locore_plugin.data.categories import CATEGORY_DATASETS
+
+    if benchmark not in CATEGORY_DATASETS:
+        raise SystemExit(f"unknown benchmark {benchmark!r}; expected one of {sorted(CATEGORY_DATASETS)}")
+    splits = CATEGORY_DATASETS[benchmark].read(folder)
+    out = {}
+    for split, images in splits.items():
+        paths = [folder / path for path in images.paths]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} images of the {split} split missing in {folder}, e.g. {missing[0]}")
+        out[split] = (paths, None)
+    return out
+
+
 def add_extract_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "extract",
         help="write descriptor files (official AMES/LoCoRE layout) for a folder of images or a revisited dataset",
         description="Writes {desc}_{split}_local.hdf5 and {desc}_{split}_global.pt into --out. A folder gives the "
         "gallery split (row order in {desc}_gallery_images.txt); with --gnd (gnd_<dataset>.pkl) the query split "
-        "(images cropped to the ground-truth bbx) and the gallery split. Interrupted runs resume from the "
+        "(images cropped to the ground-truth bbx) and the gallery split; with --benchmark (sop, inshop, cub200; "
+        "--images is the dataset folder holding its split files) every split it lists, in its order. Interrupted "
+        "runs resume from the "
         "per-image cache; finished splits are skipped unless --overwrite.",
     )
     parser.add_argument("extractor", help="registered extractor name, e.g. sift or dinov2-ames (an unknown name lists them)")
     parser.add_argument("--images", required=True, type=Path, help="folder of images (for --gnd: <name>.jpg files)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (a dataset folder of the data root)")
     parser.add_argument("--gnd", type=Path, help="gnd_<dataset>.pkl: extract its query and gallery images")
+    parser.add_argument("--benchmark", help="a category benchmark whose split files --images holds: sop (Ebay_*.txt), "
+                        "inshop (list_eval_partition.txt) or cub200 (images.txt, image_class_labels.txt)")
     parser.add_argument("--desc", help="descriptor name in the file names (default: the extractor name)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extractor option (repeatable), e.g. num_locals=100; VALUE: a TOML or Python literal, or plain text")
@@ -108,8 +129,12 @@ def add_extract_command(subparsers) -> None:
         cache_dir = args.cache_dir or args.out / ".extract-cache"
         extractor = create_extractor(args.extractor, cache_dir=cache_dir, cache_size=0, **options)
         desc = args.desc or args.extractor
+        if args.gnd is not None and args.benchmark is not None:
+            raise SystemExit("--gnd and --benchmark name two layouts: give one")
         if args.gnd is not None:
             splits = _revisited_splits(args.images, args.gnd)
+        elif args.benchmark is not None:
+            splits = _benchmark_splits(args.images, args.benchmark)
         else:
             files = _image_folder(args.images)
             splits = {"gallery": (files, None)}
@@ -120,7 +145,7 @@ def add_extract_command(subparsers) -> None:
                 print(f"{local_path.name} and {global_path.name} exist: skipped (--overwrite to redo)")
                 continue
             extract_split(extractor, images, args.out, desc, split, bboxes, args.chunk_size, not args.quiet)
-            if args.gnd is None:
+            if args.gnd is None and args.benchmark is None:
                 names = "".join(f"{p.relative_to(args.images)}\n" for p in images)
                 (args.out / f"{desc}_{split}_images.txt").write_text(names)
             print(f"wrote {local_path} and {global_path} ({len(images)} images)")

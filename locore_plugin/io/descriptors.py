@@ -297,12 +297,14 @@ def write_nn(path, similarities, indices) -> Path:
 
 
 def build_shortlist(queries, gallery: "DescriptorSet | np.ndarray", depth: int, batch_size: int = 65536,
-                    verbose: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-``depth`` gallery images per query (faiss), over gallery batches.
+                    verbose: bool = True, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``depth`` gallery images per query (faiss), over gallery batches:
+    memory holds one gallery batch and the [nq, K] result, never a queries x gallery matrix.
 
     ``queries`` [nq, D]; ``gallery`` a :class:`DescriptorSet` (read batch by batch) or an [N, D] array.
     Returns ``(similarities [nq, K] float32, indices [nq, K] int64)``, K = min(depth, N), best first,
-    ties broken by the lower index.
+    ties broken by the lower index. ``exclude_self``: query i is gallery image i (SOP, CUB-200),
+    left out of its own list (K = min(depth, N - 1)).
     """
     import faiss
 
@@ -315,9 +317,11 @@ def build_shortlist(queries, gallery: "DescriptorSet | np.ndarray", depth: int, 
         gallery = np.asarray(gallery)
         total = len(gallery)
         batches = ((s, gallery[s:s + batch_size]) for s in range(0, total, batch_size))
-    if depth < 1 or total == 0:
+    if depth < 1 or total <= int(exclude_self):
         raise ValueError(f"need depth >= 1 and a non-empty gallery (depth {depth}, gallery {total})")
-    k = min(int(depth), total)
+    if exclude_self and len(queries) != total:
+        raise ValueError(f"exclude_self: the queries are the gallery, but there are {len(queries)} queries and {total} images")
+    k = min(int(depth) + int(exclude_self), total)
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
     best_i = np.zeros((len(queries), 0), np.int64)
     with progress(total=total, desc="global shortlist", unit="img", disable=not verbose) as bar:
@@ -331,7 +335,31 @@ def build_shortlist(queries, gallery: "DescriptorSet | np.ndarray", depth: int, 
             order = np.lexsort((i, -s), axis=1)[:, :k]
             best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
             bar.update(len(block))
+    if exclude_self:  # drop each query from its list, or its last item where it is not in it (ties)
+        keep = best_i != np.arange(len(queries))[:, None]
+        keep[keep.all(1), -1] = False
+        best_s, best_i = best_s[keep].reshape(len(queries), k - 1), best_i[keep].reshape(len(queries), k - 1)
     return best_s, best_i
+
+
+def cached_shortlist(cache: Path, queries: DescriptorSet, gallery: DescriptorSet, depth: int,
+                     exclude_self: bool = False, batch_size: int = 65536, verbose: bool = True):
+    """:func:`build_shortlist` of the query globals against ``gallery``, kept in ``cache`` (an
+    ``nn_*.pkl``) and reused while it is at least ``depth`` deep and newer than the global files."""
+    expected = min(depth, len(gallery) - int(exclude_self))
+    globals_mtime = max(Path(p.globals.filename).stat().st_mtime
+                        for s in (queries, gallery) for p in s._parts if p.globals is not None)
+    if cache.is_file() and cache.stat().st_mtime >= globals_mtime:
+        try:
+            sims, idx = read_nn(cache)
+        except (pickle.UnpicklingError, ValueError) as error:  # truncated: rebuild it
+            set_aside(cache, error)
+        else:
+            if sims.shape[0] == len(queries) and sims.shape[1] >= expected:
+                return sims[:, :depth], idx[:, :depth]
+    sims, idx = build_shortlist(queries.globals(np.arange(len(queries))), gallery, depth, batch_size, verbose, exclude_self)
+    write_nn(cache, sims, idx)
+    return sims, idx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,23 +402,9 @@ class RevisitedData:
             return sims, idx
         depth = 1600 if depth is None else int(depth)
         cache = Path(cache_dir or self.nn_dir) / f"nn_{self.desc}_exact.pkl"
-        if cache.is_file() and cache.stat().st_mtime >= self._globals_mtime():
-            try:
-                sims, idx = read_nn(cache)
-            except (pickle.UnpicklingError, ValueError) as error:  # truncated: rebuild it
-                set_aside(cache, error)
-            else:
-                if sims.shape[0] == len(self.queries) and sims.shape[1] >= min(depth, len(self.gallery)):
-                    self._check_shortlist(idx, str(cache))
-                    return sims[:, :depth], idx[:, :depth]
-        queries = self.queries.globals(np.arange(len(self.queries)))
-        sims, idx = build_shortlist(queries, self.gallery, depth, batch_size, verbose)
-        write_nn(cache, sims, idx)
+        sims, idx = cached_shortlist(cache, self.queries, self.gallery, depth, batch_size=batch_size, verbose=verbose)
+        self._check_shortlist(idx, str(cache))
         return sims, idx
-
-    def _globals_mtime(self) -> float:
-        paths = [p.globals.filename for s in (self.queries, self.gallery) for p in s._parts if p.globals is not None]
-        return max(Path(p).stat().st_mtime for p in paths)
 
     def _check_shortlist(self, idx: np.ndarray, source: str) -> None:
         if idx.shape[0] != len(self.queries):

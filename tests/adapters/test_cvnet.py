@@ -319,9 +319,9 @@ def test_eval_on_the_images_reproduces_the_official_reranked_maps(case, tmp_path
             "--top-k", str(case.config["rerank"]["topk"]), "--junk", "remove", "--out", str(out), "--no-plots"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())["results"]
-    assert results["global"]["cvcase"]["medium"]["mAP"] == pytest.approx(case.config["map_global"]["M"], abs=1e-9)
-    assert results[case.name]["cvcase"]["medium"]["mAP"] == pytest.approx(case.config["map_reranked"]["M"], abs=1e-9)
-    assert results[case.name]["cvcase"]["hard*"]["mAP"] == pytest.approx(case.config["map_reranked"]["H"], abs=1e-9)
+    assert results["global"]["cvcase"]["medium"]["value"] == pytest.approx(case.config["map_global"]["M"], abs=1e-9)
+    assert results[case.name]["cvcase"]["medium"]["value"] == pytest.approx(case.config["map_reranked"]["M"], abs=1e-9)
+    assert results[case.name]["cvcase"]["hard*"]["value"] == pytest.approx(case.config["map_reranked"]["H"], abs=1e-9)
     cached = list((out / "cache" / "features").rglob("*.npz"))
     ranks, topk = case.inputs["ranks_global"], case.config["rerank"]["topk"]
     shown = set()  # the images some protocol re-ranks: only those are read
@@ -345,4 +345,4 @@ def test_eval_on_the_images_reproduces_the_official_reranked_maps(case, tmp_path
                  "--checkpoint", f"{case.name}={case.weights}", "--option", f"{case.name}.config={json.dumps(case.config['constructor_kwargs'])}",
                  "--top-k", str(case.config["rerank"]["topk"]), "--out", str(tuned)]) == 0
     grid = json.loads((tuned / "tune.json").read_text())
-    assert grid["mAP"][grid["weights"].index(1.0)] == pytest.approx([100 * case.config["map_global"]["M"]] * len(grid["temperatures"]), abs=1e-3)
+    assert grid["grid"][grid["weights"].index(1.0)] == pytest.approx([100 * case.config["map_global"]["M"]] * len(grid["temperatures"]), abs=1e-3)

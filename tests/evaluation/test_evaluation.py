@@ -43,9 +43,9 @@ def test_global_row_matches_an_independent_computation(data_root, tmp_path):
     ranks = np.argsort(-(data.query_global @ data.gallery_global.T), axis=1, kind="stable").T
     gnd = data.gnd["gnd"]
     got = report["results"]["global"]["synthetic"]
-    assert got["medium"]["mAP"] == pytest.approx(compute_map(ranks, revisited_gnd(gnd, "medium"))[0])
-    assert got["hard"]["mAP"] == pytest.approx(compute_map(ranks, revisited_gnd(gnd, "hard"))[0])
-    assert got["hard*"]["mAP"] == got["hard"]["mAP"]  # no re-ranking: removing easy (junk in Hard) changes nothing
+    assert got["medium"]["value"] == pytest.approx(compute_map(ranks, revisited_gnd(gnd, "medium"))[0])
+    assert got["hard"]["value"] == pytest.approx(compute_map(ranks, revisited_gnd(gnd, "hard"))[0])
+    assert got["hard*"]["value"] == got["hard"]["value"]  # no re-ranking: removing easy (junk in Hard) changes nothing
 
 
 def test_truncated_metric_scores_the_published_shortlist(data_root, tmp_path):
@@ -56,7 +56,7 @@ def test_truncated_metric_scores_the_published_shortlist(data_root, tmp_path):
     _, idx = read_nn(data_root / "synthetic" / "nn_global.pkl")
     gnd = synthetic.generate(0, "tiny").gnd["gnd"]
     expected = compute_map(idx.T, revisited_gnd(gnd, "medium"), truncated=True)[0]
-    assert report["results"]["global"]["synthetic"]["medium"]["mAP"] == pytest.approx(expected)
+    assert report["results"]["global"]["synthetic"]["medium"]["value"] == pytest.approx(expected)
 
 
 def test_tables_follow_the_supplementary_table_b_layout(data_root, tmp_path):
@@ -67,7 +67,7 @@ def test_tables_follow_the_supplementary_table_b_layout(data_root, tmp_path):
     assert [line.split("|")[1].strip() for line in md[2:4]] == ["global", "superglobal"]
     for line, row in zip(md[2:4], ("global", "superglobal")):
         cells = [c.strip() for c in line.split("|")[2:-1]]
-        expected = [f"{100 * report['results'][row]['synthetic'][p]['mAP']:.1f}" for p in ("medium", "hard", "hard*")]
+        expected = [f"{100 * report['results'][row]['synthetic'][p]['value']:.1f}" for p in ("medium", "hard", "hard*")]
         assert cells == expected
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.reader(f))
@@ -81,7 +81,7 @@ def test_tables_follow_the_supplementary_table_b_layout(data_root, tmp_path):
     assert len(per_query) == 3 * nq
     assert set(per_query[0]) == {"dataset", "protocol", "query", "positives_in_shortlist", "global", "superglobal"}
     aps = [float(r["superglobal"]) for r in per_query if r["protocol"] == "medium"]
-    assert np.mean(aps) == pytest.approx(report["results"]["superglobal"]["synthetic"]["medium"]["mAP"])
+    assert np.mean(aps) == pytest.approx(report["results"]["superglobal"]["synthetic"]["medium"]["value"])
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert plots == ["synthetic__global__vs__superglobal.png"]
     assert (tmp_path / "plots" / plots[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -148,7 +148,8 @@ def test_options_reach_rows_and_chain_stages():
 
 def test_recipes_parse_and_cover_the_tox_envs():
     tox = (ROOT / "tox.ini").read_text()
-    for name, dataset in {"roxf": "roxford5k", "rpar": "rparis6k", "roxf1m": "roxford5k+1m", "rpar1m": "rparis6k+1m"}.items():
+    for name, dataset in {"roxf": "roxford5k", "rpar": "rparis6k", "roxf1m": "roxford5k+1m", "rpar1m": "rparis6k+1m",
+                          "sop": "sop", "inshop": "inshop", "cub200": "cub200"}.items():
         recipe = evaluation.read_recipe(ROOT / "recipes" / f"eval_{name}.toml")
         assert recipe["datasets"] == [dataset] and recipe["methods"][0].name == "superglobal"
         assert f"{name}: python -m locore_plugin.evaluation --recipe {{toxinidir}}/recipes/eval_{name}.toml {{posargs}}" in tox
@@ -201,9 +202,9 @@ def test_plus_1m_appends_the_distractors_and_can_only_lower_the_global_map(data_
     plus = evaluation.run(EvalConfig(datasets=["synthetic+1m"], methods=[], data_root=str(data_root), out=str(tmp_path / "b"),
                                    desc="synth", plots=False), log=lambda *a: None)
     for p in ("medium", "hard", "hard*"):
-        a, b = base["results"]["global"]["synthetic"][p]["aps"], plus["results"]["global"]["synthetic+1m"][p]["aps"]
+        a, b = base["results"]["global"]["synthetic"][p]["per_query"], plus["results"]["global"]["synthetic+1m"][p]["per_query"]
         assert all(y <= x + 1e-12 for x, y in zip(a, b) if x is not None)
-    assert plus["results"]["global"]["synthetic+1m"]["medium"]["mAP"] < base["results"]["global"]["synthetic"]["medium"]["mAP"]
+    assert plus["results"]["global"]["synthetic+1m"]["medium"]["value"] < base["results"]["global"]["synthetic"]["medium"]["value"]
 
 
 def test_eval_refuses_learned_rerankers_without_chosen_weights(data_root, tmp_path):
@@ -247,7 +248,7 @@ def test_every_row_is_tested_against_the_chosen_baseline(data_root, tmp_path):
     assert set(comparisons) == {"global", "superglobal-again"}
     same = comparisons["superglobal-again"]["synthetic"]["medium"]
     assert same["difference"] == 0.0 and same["p"] == 1.0  # the same method twice
-    g, s = (report["results"][r]["synthetic"]["medium"]["mAP"] for r in ("global", "superglobal"))
+    g, s = (report["results"][r]["synthetic"]["medium"]["value"] for r in ("global", "superglobal"))
     assert comparisons["global"]["synthetic"]["medium"]["difference"] == pytest.approx(g - s)
     md = (tmp_path / "results.md").read_text()
     assert "Difference to superglobal" in md and "| superglobal | (baseline) |" in md

@@ -37,16 +37,16 @@ def test_the_three_splits_against_the_official_definition_written_out():
     expected = {"public": per_query[:-PRIVATE].mean(), "private": per_query[-PRIVATE:].mean(), "combined": per_query.mean()}
     for name, value in expected.items():
         got = score_ranking(rankings, gnd, get_protocol(name), dataset="gldv2-test")
-        assert got["mAP"] == pytest.approx(value, abs=1e-12), name
+        assert got["value"] == pytest.approx(value, abs=1e-12), name
     # hand-computed: positives at ranks 1 and 3 of 100 among 2 positives: (1/1 + 2/3) / 2
     row = np.r_[5, 7, 6, np.arange(8, NDB)]
     small = [{"ok": [5, 6]}] * NQ
-    assert score_ranking(np.tile(row, (NQ, 1)), small, get_protocol("combined"), dataset="gldv2-test")["mAP"] == pytest.approx(5 / 6)
+    assert score_ranking(np.tile(row, (NQ, 1)), small, get_protocol("combined"), dataset="gldv2-test")["value"] == pytest.approx(5 / 6)
     # a positive beyond the first 100 does not count; 150 positives are normalised by 100, not 150
     late = [{"ok": [int(row[150])]}] * NQ
-    assert score_ranking(np.tile(row, (NQ, 1)), late, get_protocol("combined"), dataset="gldv2-test")["mAP"] == 0.0
+    assert score_ranking(np.tile(row, (NQ, 1)), late, get_protocol("combined"), dataset="gldv2-test")["value"] == 0.0
     many = [{"ok": row[:150].tolist()}] * NQ
-    assert score_ranking(np.tile(row, (NQ, 1)), many, get_protocol("public"), dataset="gldv2-test")["mAP"] == pytest.approx(1.0)
+    assert score_ranking(np.tile(row, (NQ, 1)), many, get_protocol("public"), dataset="gldv2-test")["value"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="private split"):
         score_ranking(rankings[:700], gnd[:700], get_protocol("public"), dataset="gldv2-test")
 
@@ -90,10 +90,10 @@ def test_eval_reports_public_private_combined_and_val_is_the_public_part(tmp_pat
     g = np.stack([f.global_desc for f in gallery])
     ranking = np.argsort(-(q @ g.T), axis=1, kind="stable")
     per_query = np.array([reference_ap(r, e["ok"]) for r, e in zip(ranking, gnd["gnd"])])
-    assert results["gldv2-test"]["public"]["mAP"] == pytest.approx(per_query[:-PRIVATE].mean(), abs=1e-6)
-    assert results["gldv2-test"]["private"]["mAP"] == pytest.approx(per_query[-PRIVATE:].mean(), abs=1e-6)
-    assert results["gldv2-test"]["combined"]["mAP"] == pytest.approx(per_query.mean(), abs=1e-6)
-    assert results["gldv2-val"]["public"]["mAP"] == pytest.approx(results["gldv2-test"]["public"]["mAP"], abs=1e-9)
+    assert results["gldv2-test"]["public"]["value"] == pytest.approx(per_query[:-PRIVATE].mean(), abs=1e-6)
+    assert results["gldv2-test"]["private"]["value"] == pytest.approx(per_query[-PRIVATE:].mean(), abs=1e-6)
+    assert results["gldv2-test"]["combined"]["value"] == pytest.approx(per_query.mean(), abs=1e-6)
+    assert results["gldv2-val"]["public"]["value"] == pytest.approx(results["gldv2-test"]["public"]["value"], abs=1e-9)
     assert list(results["gldv2-val"]) == ["public"]
 
 
@@ -116,4 +116,4 @@ def test_the_published_procedure_tune_on_gldv2_val_then_eval_on_the_test_split(t
                  "--no-plots", "--fusion-from", str(tmp_path / "tune" / "tune.json")]) == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
     # the val split is the test split's public part: the tuned pair scores the same there
-    assert 100 * results["ames-dinov2"]["gldv2-test"]["public"]["mAP"] == pytest.approx(tuned["best"]["mAP"], abs=1e-3)
+    assert 100 * results["ames-dinov2"]["gldv2-test"]["public"]["value"] == pytest.approx(tuned["best"]["value"], abs=1e-3)

@@ -83,8 +83,8 @@ def test_every_grid_point_equals_evaluating_with_that_fusion_and_the_model_runs_
     for i, w in enumerate(GRID):
         for j, t in enumerate(GRID):
             direct = create_reranker("ames-dinov2", checkpoint=tmp_path / "ames", fusion=(w, t), top_k=20, **SMALL_AMES)
-            assert maps[i, j] == pytest.approx(ev.run(direct, top_k=20)["medium"]["mAP"], abs=1e-12), (w, t)
-    global_map = ev.run(None)["medium"]["mAP"]
+            assert maps[i, j] == pytest.approx(ev.run(direct, top_k=20)["medium"]["value"], abs=1e-12), (w, t)
+    global_map = ev.run(None)["medium"]["value"]
     assert np.allclose(maps[-1], global_map) and np.allclose(maps[:, 0], global_map)  # weight 1 or temperature 0: global
 
 
@@ -125,13 +125,13 @@ def test_tune_writes_the_grid_and_eval_reads_the_chosen_fusion(world, tmp_path, 
     assert main(["tune", "--reranker", "ames-dinov2", *common, "--out", str(tmp_path / "tune"), "--weights", "0,0.5,1",
                  "--temperatures", "0,0.3,1"]) == 0
     tuned = json.loads((tmp_path / "tune" / "tune.json").read_text())
-    assert tuned["method"] == "ames-dinov2" and np.asarray(tuned["mAP"]).shape == (3, 3)
+    assert tuned["method"] == "ames-dinov2" and np.asarray(tuned["grid"]).shape == (3, 3)
     assert (tmp_path / "tune" / "tune.png").stat().st_size > 0 and "best: fusion" in (tmp_path / "tune" / "tune.md").read_text()
-    assert tuned["best"]["mAP"] == pytest.approx(np.max(tuned["mAP"]))
+    assert tuned["best"]["value"] == pytest.approx(np.max(tuned["grid"]))
     assert main(["eval", "--reranker", "ames-dinov2", *common, "--out", str(tmp_path / "eval"), "--no-plots",
                  "--protocols", "medium", "--fusion-from", str(tmp_path / "tune" / "tune.json")]) == 0
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert 100 * report["results"]["ames-dinov2"]["synthetic"]["medium"]["mAP"] == pytest.approx(tuned["best"]["mAP"], abs=1e-3)
+    assert 100 * report["results"]["ames-dinov2"]["synthetic"]["medium"]["value"] == pytest.approx(tuned["best"]["value"], abs=1e-3)
     # the file also reaches create_reranker, and only for the method it was tuned for
     assert create_reranker("ames-dinov2", checkpoint=tmp_path / "ames", fusion=tmp_path / "tune" / "tune.json",
                            **SMALL_AMES).fusion == tuple(tuned["best"]["fusion"])

@@ -1,5 +1,6 @@
 """Shared extractor machinery: registry, image loading, crops, cache, descriptor files, rank() on images."""
 import base64
+import json
 import pickle
 import time
 
@@ -270,6 +271,38 @@ def test_extract_command_writes_the_official_layout_that_the_evaluation_reads(pr
             np.testing.assert_array_equal(globals_[i], f.global_desc)
         reader.close()
     assert not (out / ".extract-cache").exists()  # removed after success
+
+
+def test_extract_command_writes_every_split_of_a_category_benchmark_that_eval_reads(probe, tmp_path):
+    """``--benchmark sop``: the split files' images, in their order, as ``{desc}_{split}_*``; then
+    ``eval --dataset sop`` scores the global ranking of those very descriptors."""
+    folder = tmp_path / "sop"
+    labels = {"train": [1, 1, 2], "test": [3, 3, 4, 4, 3]}
+    for split, classes in labels.items():
+        lines = ["image_id class_id super_class_id path"]
+        for i, c in enumerate(classes):
+            (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+            write_png(folder / f"c{c}" / f"{split}{i}.png", picture(40, 48, seed=10 * c + i))
+            lines.append(f"{i + 1} {c} 1 c{c}/{split}{i}.png")
+        (folder / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    assert main(["extract", "probe", "--images", str(folder), "--out", str(folder), "--benchmark", "sop", "--quiet"]) == 0
+    reference = create_extractor("probe")
+    for split, classes in labels.items():
+        paths = [folder / f"c{c}" / f"{split}{i}.png" for i, c in enumerate(classes)]
+        globals_ = read_globals(folder / f"probe_{split}_global.pt", len(paths))
+        np.testing.assert_array_equal(globals_, [f.global_desc for f in reference.extract_many(paths)])
+    out = tmp_path / "out"
+    assert main(["eval", "--data-root", str(tmp_path), "--dataset", "sop", "--desc", "probe", "--protocols", "r@1,map@r",
+                 "--out", str(out), "--no-plots"]) == 0
+    g = read_globals(folder / "probe_test_global.pt", 5).astype(np.float64)
+    sims = g @ g.T
+    np.fill_diagonal(sims, -np.inf)
+    test = np.array(labels["test"])
+    expected = np.mean(test[sims.argmax(1)] == test)
+    assert json.loads((out / "results.json").read_text())["results"]["global"]["sop"]["r@1"]["value"] == pytest.approx(expected)
+    (folder / "c4" / "test2.png").unlink()
+    with pytest.raises(FileNotFoundError, match="1 images of the test split missing"):
+        main(["extract", "probe", "--images", str(folder), "--out", str(tmp_path / "x"), "--benchmark", "sop", "--quiet"])
 
 
 def test_extract_command_resumes_after_an_interruption_and_skips_finished_splits(probe, tmp_path):
