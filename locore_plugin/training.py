@@ -658,14 +658,18 @@ def _atomic_save_pretrained(reranker, folder: Path, extra: Optional[dict] = None
 def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
     """The held-out evaluation run after every epoch (the ``[validation]`` table of a recipe).
 
-    Either a revisited dataset in the official layout (``dataset``, ``desc``, ``data_root``
-    (default ``$LOCORE_DATA``), optional ``nn``) or ``synthetic = {seed, size}`` (the built-in
-    benchmark, written once under ``directory``); ``protocols`` (default Medium), ``junk``
+    Either a dataset in the official layout (``dataset``, ``desc``, ``data_root`` (default
+    ``$LOCORE_DATA``), optional ``nn``; a revisited one or a category benchmark), ``synthetic =
+    {seed, size}`` (the built-in landmark benchmark, written once under ``directory``) or
+    ``synthetic_sop = {seed, size}`` (the synthetic category world, likewise; its test split);
+    ``protocols`` (default Medium; for a category dataset e.g. ``["map@r", "r@1"]``), ``junk``
     (default ``remove``, as the LoCoRE evaluation code), ``top_k`` re-ranked images (default
-    100), ``num_locals``, ``batch_size``. Returns ``{"<protocol>_mAP": ...}`` in percent, the first
-    protocol first (the best checkpoint is chosen by it), plus the global-only mAPs for reference.
+    100), ``num_locals``, ``batch_size``. Returns ``{"<protocol>_mAP": ...}`` in percent (category
+    measures by their names: ``R@1``, ``mAP@R``), the first protocol first (the best checkpoint is
+    chosen by it), plus the global-only values for reference.
     """
     from locore_plugin.evaluation import DatasetEvaluation, load_dataset, resolve_data_root
+    from locore_plugin.evaluation.protocols import measure_name
 
     options = dict(options)
     protocols = list(options.pop("protocols", ["medium"]))
@@ -674,14 +678,18 @@ def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
     batch_size = int(options.pop("batch_size", 8))
     num_locals = options.pop("num_locals", None)
     nn = options.pop("nn", None)
-    synthetic = options.pop("synthetic", None)
-    if synthetic is not None:
-        from locore_plugin.data import synthetic as benchmark
+    synthetic, world = options.pop("synthetic", None), options.pop("synthetic_sop", None)
+    if synthetic is not None or world is not None:
+        from locore_plugin.data import synthetic as landmarks
+        from locore_plugin.data import synthetic_sop
 
+        if synthetic is not None and world is not None:
+            raise ValueError("validation takes one of synthetic and synthetic_sop")
+        benchmark = landmarks if synthetic is not None else synthetic_sop
         directory = options.pop("directory", None)
         if directory is None:
             raise ValueError("a synthetic validation set needs validation.directory (where it is written)")
-        benchmark.write(directory, **synthetic)
+        benchmark.write(directory, **(synthetic or world))
         dataset, desc, root = benchmark.DATASET, benchmark.DESCRIPTOR, Path(directory)
     else:
         if "dataset" not in options:
@@ -690,12 +698,18 @@ def build_validation(options: dict) -> Callable[[TrainableReranker], dict]:
         root = resolve_data_root(options.pop("data_root", None))
     if options:
         raise ValueError(f"unknown validation option(s) {sorted(options)}")
-    evaluation = DatasetEvaluation(load_dataset(root, dataset, desc, nn=nn, num_locals=num_locals), protocols, junk)
-    baseline = {f"global_{p}_mAP": 100 * r["value"] for p, r in evaluation.run(None).items()}
+    data = load_dataset(root, dataset, desc, nn=nn, num_locals=num_locals, protocols=protocols, top_k=top_k)
+    evaluation = DatasetEvaluation(data, protocols, junk)
+
+    def key(protocol: str) -> str:
+        measure = measure_name(protocol)
+        return f"{protocol}_mAP" if measure == "mAP" else measure
+
+    baseline = {f"global_{key(p)}": 100 * r["value"] for p, r in evaluation.run(None).items()}
 
     def validate(reranker) -> dict:
         scores = evaluation.run(reranker, top_k=top_k, batch_size=batch_size, label=f"validation ({reranker.name})")
-        return {**{f"{p}_mAP": 100 * r["value"] for p, r in scores.items()}, **baseline}
+        return {**{key(p): 100 * r["value"] for p, r in scores.items()}, **baseline}
 
     return validate
 

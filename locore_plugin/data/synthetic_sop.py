@@ -27,15 +27,15 @@ DESCRIPTOR = "synth"
 
 @dataclass(frozen=True)
 class CategoryWorldConfig:
-    train_classes: int = 60
+    train_classes: int = 1000
     test_classes: int = 60
     super_classes: int = 6
     images_per_class: tuple = (2, 8)  # drawn per class in [low, high], SOP's classes hold 2-12
-    parts: int = 24  # patterns a class owns
-    seen: int = 10  # patterns an image shows (a random subset)
+    parts: int = 16  # patterns a class owns
+    seen: int = 10  # patterns an image shows (a random subset): two images share about 6
     detect: float = 0.9  # probability that a shown pattern yields a local descriptor
-    clutter: int = 8
-    topk: int = 24  # local rows per image in the files (padded with mask = 1)
+    clutter: int = 4
+    topk: int = 16  # local rows per image in the files (padded with mask = 1)
     local_dim: int = 32
     global_dim: int = 32
     local_noise: float = 0.5

@@ -252,10 +252,52 @@ def open_training_lists(
     return TrainingLists(features, neighbours, labels, similarities=similarities, **list_options)
 
 
+def open_benchmark_lists(benchmark: str, data_root, desc: str = "dinov2", num_locals: Optional[int] = 48,
+                         **list_options) -> TrainingLists:
+    """Lists from the training split of a category benchmark (SOP, In-shop, CUB-200 in
+    ``{data_root}/{benchmark}``, see :mod:`locore_plugin.data.categories`): each image and its first
+    ``list_length`` global neighbours in that split (itself left out), labelled by class id, as
+    GLDv2 lists are by landmark. The neighbours are built block by block and cached as
+    ``nn_{desc}_{split}_exact.pkl`` beside the descriptor files."""
+    from locore_plugin.io.descriptors import cached_shortlist, descriptor_paths
+
+    from .categories import CATEGORY_DATASETS
+
+    if benchmark not in CATEGORY_DATASETS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {sorted(CATEGORY_DATASETS)}")
+    bench = CATEGORY_DATASETS[benchmark]
+    folder = Path(data_root) / benchmark
+    split = bench.read(folder).get(bench.train_split)
+    if split is None:
+        raise FileNotFoundError(f"{folder}: no {bench.train_split} split (e.g. Ebay_train.txt for SOP)")
+    local, global_desc = descriptor_paths(folder, desc, bench.train_split)
+    features = _LazyDescriptors(local, global_desc, len(split), num_locals)
+    features.features([0])  # fail now, not in a worker, when a file is missing or mis-sized
+    depth = int(list_options.get("list_length") or 100)
+    globals_only = DescriptorSet([(None, global_desc)], [len(split)])
+    similarities, neighbours = cached_shortlist(folder / f"nn_{desc}_{bench.train_split}_exact.pkl", globals_only,
+                                                globals_only, depth, exclude_self=True)
+    return TrainingLists(features, neighbours, split.labels, similarities=similarities, **list_options)
+
+
 def training_data(options: dict, seed: int = 0) -> TrainingLists:
-    """The ``[data]`` table of a training recipe: the official files, or ``synthetic = {...}``
-    (a split written once into ``directory`` by :func:`write_synthetic_split`)."""
+    """The ``[data]`` table of a training recipe: the official GLDv2 files, ``synthetic = {...}``
+    (a split written once into ``directory`` by :func:`write_synthetic_split`), or ``benchmark``
+    (the training split of a category benchmark under ``data_root``, see :func:`open_benchmark_lists`;
+    ``world = {seed, size}`` writes the synthetic ``synthetic-sop`` world there first)."""
     options = dict(options)
+    if "benchmark" in options:
+        if "data_root" not in options:
+            raise ValueError("data.benchmark needs data.data_root (the folder holding the benchmark's folder)")
+        world = options.pop("world", None)
+        if world is not None:
+            from . import synthetic_sop
+
+            if options["benchmark"] != synthetic_sop.DATASET:
+                raise ValueError(f"data.world writes the {synthetic_sop.DATASET} world, not {options['benchmark']!r}")
+            synthetic_sop.write(options["data_root"], **world)
+            options.setdefault("desc", synthetic_sop.DESCRIPTOR)
+        return open_benchmark_lists(**{"seed": seed, **options})
     synthetic = options.pop("synthetic", None)
     if synthetic is not None:
         directory = options.pop("directory", None)

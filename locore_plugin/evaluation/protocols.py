@@ -136,6 +136,12 @@ def get_protocol(name: str) -> Protocol:
     return PROTOCOLS[key]
 
 
+def measure_name(protocol: str) -> str:
+    """What a protocol's column holds: mAP (revisited, GLDv2), or the category measure (R@K, mAP@R)."""
+    p = get_protocol(protocol)
+    return p.label if p.scoring == CATEGORY else "mAP"
+
+
 def parse_protocols(names) -> list[Protocol]:
     """A list of protocols from names or one comma-separated string, without duplicates, in order."""
     if isinstance(names, str):

@@ -26,7 +26,7 @@ from locore_plugin.progress import progress
 
 from .datasets import IMAGE_CACHE_GB, EvaluationError, MethodSpec, load_dataset, resolve_data_root
 from .images import ImageFeatureSource, image_folder, needs_images
-from .protocols import CATEGORY, REVISITED, dataset_protocols, get_protocol
+from .protocols import REVISITED, dataset_protocols, get_protocol, measure_name
 from .runner import dataset_fingerprint, jsonable, method_extractor, path_stamp, reads_descriptor_locals
 from .scoring import DatasetEvaluation, score_ranking
 
@@ -165,12 +165,6 @@ def tune(config: TuneConfig, log=print) -> dict:
     }
     write_tuning(result, out)
     return result
-
-
-def measure_name(protocol: str) -> str:
-    """What a protocol's column holds: mAP (revisited, GLDv2), or the category measure (R@K, mAP@R)."""
-    p = get_protocol(protocol)
-    return p.label if p.scoring == CATEGORY else "mAP"
 
 
 def format_grid(result: dict) -> str:

@@ -196,3 +196,52 @@ def test_synthetic_split_labels_agree_with_the_benchmark_ground_truth(tmp_path):
     stamp = (tmp_path / "nn_synth_train.pkl").stat().st_mtime_ns
     assert write_synthetic_split(tmp_path, seeds=(5,), size="tiny", depth=30) == paths
     assert (tmp_path / "nn_synth_train.pkl").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_lists_from_a_category_benchmark_are_each_image_and_its_nearest_training_images(tmp_path):
+    from locore_plugin.data.training_lists import open_benchmark_lists
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([4, 9, 2, 7], [3, 4, 2, 3])
+    folder = tmp_path / "sop"
+    folder.mkdir()
+    (folder / "Ebay_train.txt").write_text("image_id class_id super_class_id path\n"
+                                           + "".join(f"{i + 1} {c} 1 p/{i}.jpg\n" for i, c in enumerate(labels)))
+    (folder / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n1 100 1 t/0.jpg\n2 100 1 t/1.jpg\n")
+    g = rng.normal(size=(len(labels), 8)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    features = [ImageFeatures(global_desc=v, local=rng.normal(size=(3, 4)).astype(np.float32)) for v in g]
+    write_descriptors(folder, "toy", "train", features)
+    lists = open_benchmark_lists("sop", tmp_path, desc="toy", num_locals=None, list_length=5, shuffle_gallery=False)
+    sims = g @ g.T
+    assert len(lists) == len(labels)
+    for i in range(len(labels)):
+        expected = sorted((j for j in range(len(labels)) if j != i), key=lambda j: (-sims[i, j], j))[:5]
+        item = lists[i]
+        image, gallery = lists.shortlist_indices(i)
+        assert image == i and gallery.tolist() == expected
+        assert item.labels.tolist() == [int(labels[j] == labels[i]) for j in expected]
+        np.testing.assert_array_equal(item.query.local, features[i].local)
+    assert (folder / "nn_toy_train_exact.pkl").is_file()  # built once, beside the descriptors
+    with pytest.raises(ValueError, match="unknown benchmark 'sopp'"):
+        open_benchmark_lists("sopp", tmp_path, desc="toy")
+    (folder / "Ebay_train.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="no train split"):
+        open_benchmark_lists("sop", tmp_path, desc="toy")
+
+
+def test_the_synthetic_category_world_trains_and_validates_through_the_recipe_tables(tmp_path):
+    from locore_plugin.data.training_lists import training_data
+    from locore_plugin.training import build_validation
+
+    lists = training_data({"benchmark": "synthetic-sop", "data_root": str(tmp_path), "world": {"seed": 0, "size": "tiny"},
+                           "num_locals": 16, "list_length": 6})
+    assert len(lists) > 0 and 0 < np.mean([lists[i].labels.mean() for i in range(len(lists))]) < 1
+    validate = build_validation({"synthetic_sop": {"seed": 5, "size": "tiny"}, "directory": str(tmp_path / "v"),
+                                 "protocols": ["map@r", "r@1"], "top_k": 6})
+    from locore_plugin.registry import create_reranker
+
+    scores = validate(create_reranker("superglobal"))
+    assert list(scores) == ["mAP@R", "R@1", "global_mAP@R", "global_R@1"]
+    with pytest.raises(ValueError, match="data.benchmark needs data.data_root"):
+        training_data({"benchmark": "sop"})
