@@ -48,8 +48,8 @@ SIZES = {
     "tiny": CategoryWorldConfig(train_classes=12, test_classes=12, super_classes=2, class_signal=0.3),
     "small": CategoryWorldConfig(),
     # SOP's test split at full size (60,502 images of 11,316 classes): for the scale measurement.
-    "sop-test-size": CategoryWorldConfig(train_classes=2, test_classes=11_316, super_classes=12,
-                                         images_per_class=(5, 5), topk=16, clutter=4, seen=8),
+    "sop-test-size": CategoryWorldConfig(train_classes=2, test_classes=11_000, super_classes=12,
+                                         images_per_class=(5, 6)),
 }
 
 

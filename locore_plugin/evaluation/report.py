@@ -125,6 +125,7 @@ def write_outputs(report: dict, out: Path, plots: bool = True, fresh=None) -> No
             for row, datasets in report["results"].items()
         },
         "comparisons": comparisons,
+        **({"peak_memory_mb": report["peak_memory_mb"]} if "peak_memory_mb" in report else {}),
     }
     atomic_write(out / "results.json", json.dumps(summary, indent=1))
     per_query = [["dataset", "protocol", "query", "positives_in_shortlist", *report["results"]]]

@@ -17,6 +17,7 @@ from .images import IMAGE_CACHE_SIZE, ImageFeatureSource, image_folder, needs_im
 from .protocols import dataset_protocols, parse_protocols
 from .report import _slug, compare_rows, write_outputs
 from .scoring import DatasetEvaluation
+from .sharding import FinishedQueries, Shard
 
 # Bumped when what a cached result holds changes (2: per-query shortlist positives; 3: value /
 # per_query, the keys of every measure), so older
@@ -95,6 +96,9 @@ def run(config: EvalConfig, log=print) -> dict:
     from locore_plugin.registry import create_reranker, is_reranker_name
 
     config.validate()
+    shard = Shard.from_environment()
+    if not shard.is_main:  # one rank speaks and writes
+        log = _silent
     for m in config.methods:
         if not is_reranker_name(m.name):
             _create(create_reranker, m, {})  # raises before any work, naming close matches
@@ -112,6 +116,11 @@ def run(config: EvalConfig, log=print) -> dict:
     rows = [MethodSpec(GLOBAL_ROW)] + list(config.methods)
     common = {k: v for k, v in (("device", config.device), ("dtype", config.dtype), ("batch_size", config.batch_size))
               if v is not None}
+    if shard.world_size > 1 and config.device in (None, "auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():  # each rank re-ranks on its own GPU
+            common["device"] = f"cuda:{shard.local_rank}"
     built: dict[str, object] = {}
     results: dict[str, dict] = {m.row: {} for m in rows}
     fresh: set[tuple[str, str]] = set()  # (row, dataset) computed in this run
@@ -135,6 +144,7 @@ def run(config: EvalConfig, log=print) -> dict:
                 results[m.row][dataset] = cached
             else:
                 todo.append(m)
+        shard.barrier()  # every rank has read the cache before rank 0 writes to it
         if not todo:
             log(f"{dataset}: every row cached")
             continue
@@ -152,16 +162,40 @@ def run(config: EvalConfig, log=print) -> dict:
                 features = None
                 if m.row in folders:
                     features = ImageFeatureSource(method_extractor(built[m.row], m, out, config.image_cache_gb), folders[m.row], root, dataset)
-                scores = evaluation.run(built[m.row], config.top_k, config.batch_size or 8, m.row, features)
-            cache.put(keys[m.row], scores)
+                stem = cache.path(keys[m.row]).with_suffix("")  # its finished queries, kept for a resume
+                scores = evaluation.run(built[m.row], config.top_k, config.batch_size or 8, m.row, features, shard,
+                                        stem.with_name(stem.name + ".finished"))
+            if shard.is_main:
+                cache.put(keys[m.row], scores)
+            shard.barrier()
+            if shard.is_main and m.name != GLOBAL_ROW:
+                for rule in range(len(evaluation.groups)):
+                    FinishedQueries(stem.with_name(f"{stem.name}.finished-{rule}")).clear()  # the result holds them now
             results[m.row][dataset] = scores
             fresh.add((m.row, dataset))
     columns = {d: [p.name for p in dataset_protocols(d, config.protocols)] for d in config.datasets}
     report = {"settings": {**settings, "datasets": list(config.datasets), "columns": columns, "baseline": config.baseline},
               "results": results}
     report["comparisons"] = compare_rows(report, config.baseline)
-    write_outputs(report, out, plots=config.plots, fresh=fresh)
+    report["peak_memory_mb"] = peak_memory_mb()
+    log(f"peak memory: {report['peak_memory_mb']:,.0f} MB (resident, this process{', rank 0' if shard.world_size > 1 else ''})")
+    if shard.is_main:
+        write_outputs(report, out, plots=config.plots, fresh=fresh)
+    shard.barrier()
     return report
+
+
+def peak_memory_mb() -> float:
+    """The largest resident set of this process so far (what a run needs of the machine)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 
 
 def _create(create_reranker, spec: MethodSpec, common: dict):

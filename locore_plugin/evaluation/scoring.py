@@ -3,6 +3,8 @@ Hard* rules of :mod:`locore_plugin.evaluation.protocols`, revisitop's ``compute_
 rectangular AP; Recall@K and mAP@R of the category benchmarks)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from locore_plugin.progress import progress
@@ -10,32 +12,57 @@ from locore_plugin.progress import progress
 from .datasets import KAPPAS, EvalData, EvaluationError
 from .metrics import ap_at_r, compute_map, recall_hits
 from .protocols import CATEGORY, GLDV2, GLDV2_MAP_DEPTH, Protocol, dataset_protocols, prepare_ranking, query_rows
+from .sharding import FinishedQueries, Shard
 
 CATEGORY_BLOCK = 4096  # queries scored at once on a category benchmark (SOP: 60,502 queries x 1,000 ranks)
 
 
-def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, batch_size: int = 8, desc: str = ""):
+def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, batch_size: int = 8, desc: str = "",
+               shard: Optional[Shard] = None, finished: Optional[FinishedQueries] = None):
     """Let ``reranker`` re-order the first ``min(top_k, kept[q])`` images of each ranking row.
 
     ``gallery(ids)`` returns the ImageFeatures of gallery images ``ids``; ``scores`` (aligned
     with ``ranking``) are the global scores handed to the re-ranker. Returns a new ranking.
+
+    ``shard``: this process's share of the query batches (torchrun); every rank returns the whole
+    ranking, the heads gathered from all. ``finished``: heads of queries re-ranked before (read
+    first, never re-ranked) and kept as they finish, so a killed run resumes. One progress bar
+    (queries/s, ETA) counts the queries of every rank.
     """
+    shard = shard or Shard()
     out = ranking.copy()
     nq = len(queries)
-    with progress(total=nq, desc=desc or "re-ranking", unit="query", leave=False) as bar:
-        for start in range(0, nq, batch_size):
-            batch = range(start, min(start + batch_size, nq))
-            depth = [min(top_k, int(kept[q])) for q in batch]
-            ids = [ranking[q, :d] for q, d in zip(batch, depth)]
-            results = reranker.rerank_many(
-                [queries[q] for q in batch], [gallery(i) for i in ids], [scores[q, :d] for q, d in zip(batch, depth)]
-            )
-            for q, i, result in zip(batch, ids, results):
-                order = np.asarray(result.order)
-                if not np.array_equal(np.sort(order), np.arange(len(i))):
-                    raise EvaluationError(f"{reranker!r} returned an order that is not a permutation of the shortlist")
-                out[q, : len(i)] = i[order]
-            bar.update(len(batch))
+    done = finished.load() if finished is not None else {}
+    for q, head in done.items():
+        out[q, : len(head)] = head
+    batches = [range(start, min(start + batch_size, nq)) for start in range(0, nq, batch_size)]
+    todo = [batch for batch in batches if any(q not in done for q in batch)]
+    mine = todo[shard.rank :: shard.world_size]
+    steps = -(-len(todo) // shard.world_size)  # the same number of collective steps on every rank
+    computed = {}
+    with progress(total=nq, initial=sum(len(b) for b in batches) - sum(len(b) for b in todo), desc=desc or "re-ranking",
+                  unit="query", leave=False, disable=not shard.is_main) as bar:
+        for step in range(steps):
+            batch = mine[step] if step < len(mine) else range(0)
+            if len(batch):
+                depth = [min(top_k, int(kept[q])) for q in batch]
+                ids = [ranking[q, :d] for q, d in zip(batch, depth)]
+                results = reranker.rerank_many(
+                    [queries[q] for q in batch], [gallery(i) for i in ids], [scores[q, :d] for q, d in zip(batch, depth)]
+                )
+                for q, i, result in zip(batch, ids, results):
+                    order = np.asarray(result.order)
+                    if not np.array_equal(np.sort(order), np.arange(len(i))):
+                        raise EvaluationError(f"{reranker!r} returned an order that is not a permutation of the shortlist")
+                    computed[q] = i[order]
+                    if finished is not None:
+                        finished.add(q, computed[q])
+            bar.update(shard.total(len(batch)))
+    if finished is not None:
+        finished.flush()
+    for part in shard.gather(computed):
+        for q, head in part.items():
+            out[q, : len(head)] = head
     return out
 
 
@@ -106,18 +133,23 @@ class DatasetEvaluation:
                 members, np.take_along_axis(data.ranking, order, 1), np.take_along_axis(data.scores, order, 1), kept,
             ))
 
-    def run(self, reranker=None, top_k: int = 100, batch_size: int = 8, label: str = "", features=None) -> dict:
+    def run(self, reranker=None, top_k: int = 100, batch_size: int = 8, label: str = "", features=None,
+            shard: Optional[Shard] = None, finished_stem=None) -> dict:
         """``{protocol name: score_ranking(...)}`` for ``reranker`` (None = the global ranking).
 
         ``features``: where the re-ranker's inputs come from, an object with ``queries`` and
-        ``gallery(ids)`` (default: the descriptor files; e.g. an ``ImageFeatureSource``)."""
+        ``gallery(ids)`` (default: the descriptor files; e.g. an ``ImageFeatureSource``);
+        ``shard`` and ``finished_stem`` (the finished queries' files, one per shortlist rule) as
+        in :func:`rerank_top`."""
         label = label or getattr(reranker, "name", "") or type(reranker).__name__
         source = features or self.data
+        shard = shard or Shard()
         out = {}
-        for members, ranking, scores, kept in self.groups:
+        for rule, (members, ranking, scores, kept) in enumerate(self.groups):
+            finished = None if finished_stem is None else FinishedQueries(f"{finished_stem}-{rule}", shard.rank)
             final = ranking if reranker is None else rerank_top(
                 reranker, source.queries, source.gallery, ranking, scores, kept, top_k, batch_size,
-                desc=f"{label} on {self.data.name} ({'/'.join(p.label for p in members)})",
+                desc=f"{label} on {self.data.name} ({'/'.join(p.label for p in members)})", shard=shard, finished=finished,
             )
             head = None if reranker is None else np.minimum(top_k, kept)
             for p in members:

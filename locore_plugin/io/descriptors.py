@@ -31,7 +31,7 @@ import numpy as np
 from locore_plugin.features import ImageFeatures, stack_locals
 from locore_plugin.progress import progress
 
-from .atomic import atomic_write, set_aside
+from .atomic import set_aside
 from .pickles import OFFICIAL_DATA, read_pickle
 
 DATA_ENV = "LOCORE_DATA"
@@ -286,14 +286,30 @@ def read_nn(path) -> tuple[np.ndarray, np.ndarray]:
 def write_nn(path, similarities, indices) -> Path:
     """Write a shortlist as the official ROxf/RPar ``nn_*.pkl`` does (pickled float64 torch tensor [2, nq, K]).
 
-    The file appears atomically (written beside it, then renamed)."""
+    The file appears atomically (written beside it, then renamed); it is pickled straight into it
+    from one float64 buffer, so a large shortlist (SOP: 60k x 1,000) is not held twice more in memory."""
     import torch
 
     similarities, indices = np.asarray(similarities), np.asarray(indices)
     if similarities.shape != indices.shape or similarities.ndim != 2:
         raise ValueError(f"similarities {similarities.shape} and indices {indices.shape} must both be [nq, K]")
-    tensor = torch.from_numpy(np.stack([similarities, indices]).astype(np.float64))
-    return atomic_write(path, pickle.dumps(tensor, protocol=2))
+    planes = np.empty((2, *similarities.shape), np.float64)
+    planes[0], planes[1] = similarities, indices
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            pickle.dump(torch.from_numpy(planes), handle, protocol=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+QUERY_BLOCK = 4096  # queries merged at once when building a shortlist
 
 
 def build_shortlist(queries, gallery: "DescriptorSet | np.ndarray", depth: int, batch_size: int = 65536,
@@ -322,18 +338,20 @@ def build_shortlist(queries, gallery: "DescriptorSet | np.ndarray", depth: int, 
     if exclude_self and len(queries) != total:
         raise ValueError(f"exclude_self: the queries are the gallery, but there are {len(queries)} queries and {total} images")
     k = min(int(depth) + int(exclude_self), total)
-    best_s = np.full((len(queries), 0), -np.inf, np.float32)
-    best_i = np.zeros((len(queries), 0), np.int64)
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), np.iinfo(np.int64).max, np.int64)  # empty slots sort last
     with progress(total=total, desc="global shortlist", unit="img", disable=not verbose) as bar:
         for start, block in batches:
             block = np.ascontiguousarray(block, dtype=np.float32)
             if block.shape[1] != queries.shape[1]:
                 raise ValueError(f"gallery dimension {block.shape[1]} != query dimension {queries.shape[1]}")
-            s, i = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
-            s = np.concatenate([best_s, s], 1)
-            i = np.concatenate([best_i, i + start], 1)
-            order = np.lexsort((i, -s), axis=1)[:, :k]
-            best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+            for rows in range(0, len(queries), QUERY_BLOCK):  # temporaries of one query block at a time
+                chunk = slice(rows, rows + QUERY_BLOCK)
+                s, i = faiss.knn(queries[chunk], block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+                s = np.concatenate([best_s[chunk], s], 1)
+                i = np.concatenate([best_i[chunk], i + start], 1)
+                order = np.lexsort((i, -s), axis=1)[:, :k]
+                best_s[chunk], best_i[chunk] = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
             bar.update(len(block))
     if exclude_self:  # drop each query from its list, or its last item where it is not in it (ties)
         keep = best_i != np.arange(len(queries))[:, None]
