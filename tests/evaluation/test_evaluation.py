@@ -95,11 +95,11 @@ def test_an_interrupted_run_resumes_and_a_finished_one_reprints_without_work(dat
     computed = []
     original = evaluation.DatasetEvaluation.run
 
-    def counting(self, reranker=None, top_k=100, batch_size=8, label="", features=None):
+    def counting(self, reranker=None, top_k=100, batch_size=8, label="", *args):
         if label == "superglobal-K3" and fail[0]:
             raise KeyboardInterrupt
         computed.append(label or "global")
-        return original(self, reranker, top_k, batch_size, label, features)
+        return original(self, reranker, top_k, batch_size, label, *args)
 
     monkeypatch.setattr(evaluation.DatasetEvaluation, "run", counting)
     fail = [True]
