@@ -9,9 +9,9 @@ from typing import Optional
 import numpy as np
 
 from locore_plugin.data.categories import CATEGORY_DATASETS
-from locore_plugin.progress import progress
 
 from .protocols import DATASET_PROTOCOLS, GLDV2, REVISITED, check_junk_mode, dataset_protocols, parse_protocols
+from .ranking import RankingError, RankingTail, global_ranking
 
 IMAGE_CACHE_GB = 32.0  # default bound of the features cached from images (ROxford's 4,993 float16 CVNet maps: ~30 GB)
 
@@ -105,9 +105,11 @@ class EvalData:
     ``gnd``: the pickle's per-query list (``easy``/``hard``/``junk``), or a :class:`CategoryTruth`
     for the category benchmarks; ``queries``: one ImageFeatures per query (a sequence, read lazily
     for the category benchmarks); ``gallery(ids)``: the ImageFeatures of gallery images ``ids``,
-    read lazily; ``ranking`` [nq, n]: the global ranking (full gallery, or the top-K shortlist for
-    the truncated metric and the category benchmarks) and ``scores`` [nq, n] the global similarities aligned with it, which the
-    re-rankers receive.
+    read lazily; ``ranking`` [nq, n]: the global ranking (the top-K shortlist for the truncated
+    metric, GLDv2 and the category benchmarks) and ``scores`` [nq, n] the global similarities
+    aligned with it, which the re-rankers receive. ``tail``: for the standard metric, where the
+    images the ground truth names stand in the full global ranking, of which ``ranking`` is then
+    the head (deep enough for every protocol's re-ranking); None when ``ranking`` is what is scored.
     """
 
     name: str
@@ -116,48 +118,7 @@ class EvalData:
     gallery: object
     ranking: np.ndarray
     scores: np.ndarray
-
-
-def global_similarities(query_global, gallery_global) -> np.ndarray:
-    """Exact inner products [nq, N]; ``gallery_global`` is an [N, D] array or a DescriptorSet
-    (read batch by batch, never whole)."""
-    q = np.asarray(query_global, dtype=np.float32)
-    if hasattr(gallery_global, "global_batches"):
-        n, batches = len(gallery_global), gallery_global.global_batches()
-    else:
-        gallery_global = np.asarray(gallery_global, np.float32)
-        n, batches = len(gallery_global), [(0, gallery_global)]
-    sims = np.empty((len(q), n), np.float32)
-    with progress(total=n, desc="global similarities", unit="img", leave=False, disable=n < 100_000) as bar:
-        for start, block in batches:
-            if block.shape[1] != q.shape[1]:
-                raise EvaluationError(f"gallery global dimension {block.shape[1]} != query global dimension {q.shape[1]}")
-            sims[:, start : start + len(block)] = q @ block.T
-            bar.update(len(block))
-    return sims
-
-
-def full_ranking(sims: np.ndarray, nn: Optional[tuple[np.ndarray, np.ndarray]] = None):
-    """Rankings of the whole gallery [nq, N] and the global scores aligned with them.
-
-    Without ``nn`` the gallery is sorted by ``sims``. With a published shortlist ``nn = (scores
-    [nq, K], indices [nq, K])`` its K images come first, in its order and with its scores (what
-    the official code gives the re-rankers), and the rest follow by ``sims``.
-    """
-    order = np.argsort(-sims, axis=1, kind="stable").astype(np.int32 if sims.shape[1] < 2**31 else np.int64)
-    if nn is None:
-        return order, np.take_along_axis(sims, order, 1)
-    nn_scores, nn_idx = np.asarray(nn[0], np.float32), np.asarray(nn[1], np.int64)
-    ranking = np.empty_like(order)
-    scores = np.empty_like(sims)
-    k = nn_idx.shape[1]
-    for q in range(len(order)):
-        listed = np.zeros(sims.shape[1], bool)
-        listed[nn_idx[q]] = True
-        ranking[q, :k], scores[q, :k] = nn_idx[q], nn_scores[q]
-        ranking[q, k:] = order[q][~listed[order[q]]]
-        scores[q, k:] = sims[q, ranking[q, k:]]
-    return ranking, scores
+    tail: Optional[RankingTail] = None
 
 
 def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Optional[str] = None,
@@ -166,7 +127,8 @@ def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Op
     """Open ``{root}/{dataset}`` (``name+1m`` adds the revisitop1m distractors) in the official layout.
 
     ``metric="standard"`` ranks the whole gallery (exact inner products; a published ``nn_{nn}.pkl``
-    shortlist, if named, comes first); ``"truncated"`` uses the top-``depth`` shortlist itself
+    shortlist, if named, comes first), held as its head and the positions of the ground truth's
+    images (:func:`~locore_plugin.evaluation.ranking.global_ranking`, block by block); ``"truncated"`` uses the top-``depth`` shortlist itself
     (``nn_{nn}.pkl``, or exact faiss search, cached), as the AMES/LoCoRE code does, and so do the
     GLDv2 datasets always (their metric reads the first 100). ``with_local=False`` opens the
     global descriptors only (no method of the run reads locals, so the local file may be absent).
@@ -188,11 +150,20 @@ def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Op
     if metric == "truncated" or base in DATASET_PROTOCOLS:  # GLDv2 (761,757 index images): the shortlist only
         nn_scores, nn_idx = data.shortlist(depth, nn, cache_dir=cache_dir)
         ranking, scores = nn_idx, nn_scores
+        tail = None
     else:
-        sims = global_similarities(data.queries.globals(np.arange(len(data.queries))), data.gallery)
-        ranking, scores = full_ranking(sims, data.shortlist(nn=nn) if nn else None)
+        # Deep enough that every protocol re-ranks top_k images after its removals (easy, junk).
+        removable = max((sum(len(entry.get(k, ())) for k in ("easy", "junk")) for entry in data.gnd), default=0)
+        named = [np.concatenate([np.asarray(entry.get(k, ()), np.int64).ravel() for k in ("easy", "hard", "junk")])
+                 for entry in data.gnd]
+        try:
+            ranking, scores, tail = global_ranking(data.queries.globals(np.arange(len(data.queries))), data.gallery,
+                                                   int(top_k) + removable, named, data.shortlist(nn=nn) if nn else None)
+        except RankingError as error:
+            raise EvaluationError(f"{dataset}: {error}") from None
     return EvalData(
-        dataset, data.gnd, data.queries.features(np.arange(len(data.queries))), data.gallery.features, ranking, scores
+        dataset, data.gnd, data.queries.features(np.arange(len(data.queries))), data.gallery.features, ranking, scores,
+        tail,
     )
 
 

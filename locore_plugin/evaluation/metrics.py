@@ -65,10 +65,20 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10
     of the AMES / ELViS ``utils/revisited.py``, their GLDv2 metric) instead of by trapezoids.
     """
     ranks = _check_ranks(ranks, len(gnd), "compute_map")
+    return compute_map_at(lambda q, ids: np.flatnonzero(np.isin(ranks[:, q], ids)), gnd, ranks.shape[0], kappas,
+                          truncated=truncated, rectangular=rectangular)
+
+
+def compute_map_at(locate, gnd: Sequence[Mapping], n: int, kappas: Sequence[int] = (1, 5, 10), *,
+                   truncated: bool = False, rectangular: bool = False):
+    """:func:`compute_map` of rankings known only through ``locate(q, ids)``: the 0-based
+    positions in query q's ranked list (of ``n`` items) of those of gallery ``ids`` it lists
+    (in any order). This scores a full ranking that is never held whole (see
+    :class:`locore_plugin.evaluation.ranking.RankingTail`)."""
     kappas = np.asarray(kappas, dtype=np.int64).reshape(-1)
     if (kappas < 1).any():
         raise ValueError(f"kappas must be positive, got {kappas.tolist()}")
-    n, nq = ranks.shape
+    nq = len(gnd)
     aps = np.zeros(nq)
     prs = np.zeros((nq, len(kappas)))
     empty = np.zeros(nq, bool)
@@ -80,8 +90,7 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10
             empty[q] = True
             continue
         junk = np.asarray(gnd[q].get("junk", ()), dtype=np.int64).ravel()
-        column = ranks[:, q]
-        pos = np.flatnonzero(np.isin(column, ok))
+        pos = np.sort(locate(q, ok))
         if pos.size == 0:
             if not truncated:
                 raise ValueError(
@@ -90,7 +99,7 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas: Sequence[int] = (1, 5, 10
                 )
             continue  # AP 0, P@k 0, counted in the mean
         # Junk is deleted from the list: shift each positive up by the junk ranked before it.
-        pos = pos - np.searchsorted(np.flatnonzero(np.isin(column, junk)), pos)
+        pos = pos - np.searchsorted(np.sort(locate(q, junk)) if junk.size else junk, pos)
         nres = min(ok.size, n) if truncated else ok.size
         aps[q] = _rectangular_ap(pos, nres) if rectangular else _trapezoidal_ap(pos, nres)
         pos1 = pos + 1

@@ -10,8 +10,9 @@ import numpy as np
 from locore_plugin.progress import progress
 
 from .datasets import KAPPAS, EvalData, EvaluationError
-from .metrics import ap_at_r, compute_map, recall_hits
+from .metrics import ap_at_r, compute_map, compute_map_at, recall_hits
 from .protocols import CATEGORY, GLDV2, GLDV2_MAP_DEPTH, Protocol, dataset_protocols, prepare_ranking, query_rows
+from .ranking import RankingTail
 from .sharding import FinishedQueries, Shard
 
 CATEGORY_BLOCK = 4096  # queries scored at once on a category benchmark (SOP: 60,502 queries x 1,000 ranks)
@@ -67,7 +68,7 @@ def rerank_top(reranker, queries, gallery, ranking, scores, kept, top_k: int, ba
 
 
 def score_ranking(ranking: np.ndarray, gnd, protocol: Protocol, metric: str = "standard", kappas=KAPPAS,
-                  dataset: str = "", head=None) -> dict:
+                  dataset: str = "", head=None, tail: Optional[RankingTail] = None) -> dict:
     """mAP, mP@k and per-query AP of rankings [nq, n] under ``protocol`` (fractions, not x100).
 
     GLDv2 protocols score, as the AMES / ELViS ``compute_metrics``, the first 100 of each ranking by
@@ -78,13 +79,19 @@ def score_ranking(ranking: np.ndarray, gnd, protocol: Protocol, metric: str = "s
 
     Category protocols (``gnd`` a :class:`~locore_plugin.evaluation.datasets.CategoryTruth`)
     score Recall@k (per query: a same-label image in the top k) or mAP@R (per query: AP@R) of
-    the ranked lists, queries in blocks so that memory stays bounded."""
+    the ranked lists, queries in blocks so that memory stays bounded.
+
+    ``tail`` (a :class:`~locore_plugin.evaluation.ranking.RankingTail`): ``ranking`` is the head
+    of each full global ranking (re-ranked or not), scored at the positions the full ranking gives."""
     if protocol.scoring == CATEGORY:
         return _score_categories(ranking, gnd, protocol, head)
     rows = query_rows(protocol, len(gnd), dataset) if protocol.scoring == GLDV2 else np.arange(len(gnd))
     scoring = protocol.scoring_gnd([gnd[q] for q in rows])
     if protocol.scoring == GLDV2:
         mean_ap, aps, mpr, _ = compute_map(ranking[rows, :GLDV2_MAP_DEPTH].T, scoring, kappas, truncated=True, rectangular=True)
+    elif tail is not None:
+        mean_ap, aps, mpr, _ = compute_map_at(lambda q, ids: tail.positions(q, ranking[q], np.unique(ids)), scoring,
+                                              tail.size, kappas, truncated=metric == "truncated")
     else:
         mean_ap, aps, mpr, _ = compute_map(ranking.T, scoring, kappas, truncated=metric == "truncated")
     out = {"value": float(mean_ap), "mP@k": [float(v) for v in mpr],
@@ -153,5 +160,10 @@ class DatasetEvaluation:
             )
             head = None if reranker is None else np.minimum(top_k, kept)
             for p in members:
-                out[p.name] = score_ranking(final, self.data.gnd, p, self.metric, self.kappas, self.data.name, head)
+                out[p.name] = self.score(final, p, head)
         return out
+
+    def score(self, ranking: np.ndarray, protocol: Protocol, head=None) -> dict:
+        """:func:`score_ranking` of final rankings of this dataset (its global head, re-ordered)."""
+        return score_ranking(ranking, self.data.gnd, protocol, self.metric, self.kappas, self.data.name, head,
+                             self.data.tail)

@@ -28,7 +28,7 @@ from .datasets import IMAGE_CACHE_GB, EvaluationError, MethodSpec, load_dataset,
 from .images import ImageFeatureSource, image_folder, needs_images
 from .protocols import REVISITED, dataset_protocols, get_protocol, measure_name
 from .runner import dataset_fingerprint, jsonable, method_extractor, path_stamp, reads_descriptor_locals
-from .scoring import DatasetEvaluation, score_ranking
+from .scoring import DatasetEvaluation
 
 OFFICIAL_GRID = tuple(round(v, 10) for v in np.linspace(0.0, 1.0, 11))  # eval_revisitop.py / AMES: alpha and T
 
@@ -66,8 +66,7 @@ def grid_maps(evaluation: DatasetEvaluation, protocol: str, logits: list, weight
             for q, logit in enumerate(logits):
                 d = len(logit)
                 final[q, :d] = ranking[q, :d][ranked(fuse_scores(scores[q, :d], logit, float(w), float(t))).order]
-            maps[i, j] = score_ranking(final, evaluation.data.gnd, protocol, evaluation.metric, evaluation.kappas,
-                                       evaluation.data.name)["value"]
+            maps[i, j] = evaluation.score(final, protocol)["value"]
     return maps
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from locore_plugin import evaluation
 from locore_plugin.data import synthetic
-from locore_plugin.evaluation import EvalConfig, MethodSpec, full_ranking, runner
+from locore_plugin.evaluation import EvalConfig, MethodSpec, global_ranking, runner
 from locore_plugin.evaluation.metrics import compute_map, revisited_gnd
 from locore_plugin.evaluation.runner import weights_chosen
 
@@ -29,12 +29,15 @@ def _config(data_root, out, methods=("superglobal",), **kw):
                       data_root=str(data_root), out=str(out), desc="synth", plots=kw.pop("plots", False), **kw)
 
 
-def test_full_ranking_puts_the_published_shortlist_first():
-    sims = np.array([[0.1, 0.9, 0.5, 0.3]], np.float32)
-    ranking, scores = full_ranking(sims)
+def test_the_global_ranking_puts_the_published_shortlist_first():
+    query, gallery = np.ones((1, 1), np.float32), np.array([[0.1], [0.9], [0.5], [0.3]], np.float32)
+    ranking, scores, tail = global_ranking(query, gallery, depth=4, named=[[0, 3]])
     assert ranking.tolist() == [[1, 2, 3, 0]] and scores[0].tolist() == pytest.approx([0.9, 0.5, 0.3, 0.1])
-    ranking, scores = full_ranking(sims, (np.array([[0.7, 0.6]]), np.array([[3, 0]])))
-    assert ranking.tolist() == [[3, 0, 1, 2]] and scores[0].tolist() == pytest.approx([0.7, 0.6, 0.9, 0.5])
+    assert tail.ranks[0].tolist() == [3, 2]
+    ranking, scores, tail = global_ranking(query, gallery, depth=3, named=[[0, 1, 2]],
+                                           nn=(np.array([[0.7, 0.6]]), np.array([[3, 0]])))
+    assert ranking.tolist() == [[3, 0, 1]] and scores[0].tolist() == pytest.approx([0.7, 0.6, 0.9])
+    assert tail.ranks[0].tolist() == [1, 2, 3]
 
 
 def test_global_row_matches_an_independent_computation(data_root, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from locore_plugin import ImageFeatures, create_reranker
-from locore_plugin.evaluation import DatasetEvaluation, EvalData, full_ranking, global_similarities
+from locore_plugin.evaluation import DatasetEvaluation, EvalData, global_ranking
 from locore_plugin.evaluation.protocols import HARD, HARD_STAR, MEDIUM, get_protocol, parse_protocols, prepare_ranking
 from locore_plugin.interface import ImageReranker, ranked
 
@@ -40,7 +40,7 @@ GALLERY = np.stack([
 
 def _data():
     feats = [ImageFeatures(global_desc=g) for g in GALLERY]
-    ranking, scores = full_ranking(global_similarities(QUERY[None], GALLERY))
+    ranking, scores, _ = global_ranking(QUERY[None], GALLERY, depth=len(GALLERY))  # the full ranking
     return EvalData("hand", GND, [ImageFeatures(global_desc=QUERY)], lambda ids: [feats[i] for i in ids],
                     ranking, scores)
 
