@@ -258,7 +258,7 @@ def open_benchmark_lists(benchmark: str, data_root, desc: str = "dinov2", num_lo
     ``{data_root}/{benchmark}``, see :mod:`locore_plugin.data.categories`): each image and its first
     ``list_length`` global neighbours in that split (itself left out), labelled by class id, as
     GLDv2 lists are by landmark. The neighbours are built block by block and cached as
-    ``nn_{desc}_{split}_exact.pkl`` beside the descriptor files."""
+    ``nn_{desc}_{split}_exact.npz`` beside the descriptor files."""
     from locore_plugin.io.descriptors import cached_shortlist, descriptor_paths
 
     from .categories import CATEGORY_DATASETS
@@ -275,7 +275,7 @@ def open_benchmark_lists(benchmark: str, data_root, desc: str = "dinov2", num_lo
     features.features([0])  # fail now, not in a worker, when a file is missing or mis-sized
     depth = int(list_options.get("list_length") or 100)
     globals_only = DescriptorSet([(None, global_desc)], [len(split)])
-    similarities, neighbours = cached_shortlist(folder / f"nn_{desc}_{bench.train_split}_exact.pkl", globals_only,
+    similarities, neighbours = cached_shortlist(folder / f"nn_{desc}_{bench.train_split}_exact.npz", globals_only,
                                                 globals_only, depth, exclude_self=True)
     return TrainingLists(features, neighbours, split.labels, similarities=similarities, **list_options)
 

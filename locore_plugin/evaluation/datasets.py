@@ -220,7 +220,7 @@ def load_category_dataset(root, dataset: str, desc: str, depth: int, top_k: int 
         raise EvaluationError(f"{dataset}: a ranking of depth {depth} (Recall@K, R of mAP@R) asked, but each query ranks "
                               f"{ranked} images; choose smaller R@K with --protocols (e.g. r@1,r@10,map@r)")
     depth = min(max(depth, int(top_k)), ranked)
-    cache = Path(cache_dir or folder) / f"nn_{desc}_{bench.query_split}_exact.pkl"
+    cache = Path(cache_dir or folder) / f"nn_{desc}_{bench.query_split}_exact.npz"
     sims, idx = cached_shortlist(cache, queries, gallery, depth, exclude_self=truth.exclude_self)
     idx = idx.astype(np.int32 if len(gallery) < 2**31 else np.int64)  # SOP: 60,502 x 1,000 ranks in 242 MB
     return EvalData(dataset, truth, queries, gallery.features, idx, sims)

@@ -222,7 +222,7 @@ def test_lists_from_a_category_benchmark_are_each_image_and_its_nearest_training
         assert image == i and gallery.tolist() == expected
         assert item.labels.tolist() == [int(labels[j] == labels[i]) for j in expected]
         np.testing.assert_array_equal(item.query.local, features[i].local)
-    assert (folder / "nn_toy_train_exact.pkl").is_file()  # built once, beside the descriptors
+    assert (folder / "nn_toy_train_exact.npz").is_file()  # built once, beside the descriptors
     with pytest.raises(ValueError, match="unknown benchmark 'sopp'"):
         open_benchmark_lists("sopp", tmp_path, desc="toy")
     (folder / "Ebay_train.txt").unlink()

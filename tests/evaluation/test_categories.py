@@ -136,7 +136,7 @@ def test_the_synthetic_world_evaluates_and_its_shortlist_is_cached(tmp_path):
                         desc="synth", plots=False, top_k=20)
     report = run(config, log=lambda *a: None)
     assert list(report["results"]["global"]["synthetic-sop"]) == ["r@1", "r@10", "r@100", "map@r"]
-    assert list((tmp_path / "out" / "cache").glob("nn_synth_test_exact.pkl"))
+    assert list((tmp_path / "out" / "cache").glob("nn_synth_test_exact.npz"))
 
 
 def test_shortlist_without_self_equals_the_full_sort_even_with_duplicate_images():

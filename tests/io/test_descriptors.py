@@ -193,7 +193,7 @@ def test_shortlist_cache_and_official_nn(tmp_path, monkeypatch):
     _dataset(tmp_path, "toyset", 3, 5, 6)
     data = open_revisited("toyset", "toy", root=tmp_path, plus1m=True)
     sims, idx = data.shortlist(depth=4, verbose=False)
-    cache = tmp_path / "toyset+1m" / "nn_toy_exact.pkl"
+    cache = tmp_path / "toyset+1m" / "nn_toy_exact.npz"
     assert cache.is_file() and idx.shape == (3, 4)
     q = data.queries.globals(range(3))
     g = data.gallery.globals(range(11))
