@@ -149,6 +149,8 @@ class DatasetEvaluation:
         ``shard`` and ``finished_stem`` (the finished queries' files, one per shortlist rule) as
         in :func:`rerank_top`."""
         label = label or getattr(reranker, "name", "") or type(reranker).__name__
+        if reranker is not None:
+            self.check_depth(top_k)
         source = features or self.data
         shard = shard or Shard()
         out = {}
@@ -162,6 +164,17 @@ class DatasetEvaluation:
             for p in members:
                 out[p.name] = self.score(final, p, head)
         return out
+
+    def check_depth(self, top_k: int) -> None:
+        """Refuse to re-rank fewer than ``top_k`` images where the full ranking has them: the held
+        head of a full ranking (``EvalData.tail``) is as deep as the ``top_k`` it was loaded for."""
+        if self.data.tail is None:
+            return
+        for _, ranking, _, kept in self.groups:
+            if ranking.shape[1] < self.data.tail.size and (kept < top_k).any():
+                raise EvaluationError(f"{self.data.name}: the global ranking was loaded with a head of {ranking.shape[1]} "
+                                      f"images, too short to re-rank the top {top_k} after the protocol's removals; "
+                                      f"load the dataset with top_k >= {top_k}")
 
     def score(self, ranking: np.ndarray, protocol: Protocol, head=None) -> dict:
         """:func:`score_ranking` of final rankings of this dataset (its global head, re-ordered)."""

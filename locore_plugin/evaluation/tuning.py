@@ -76,6 +76,7 @@ def head_logits(reranker, evaluation: DatasetEvaluation, protocol: str, top_k: i
     shortlist under ``protocol``'s rule), one call per ``batch_size`` queries; ``features`` as in
     :meth:`DatasetEvaluation.run` (default: the descriptor files)."""
     _, ranking, _, kept = _group(evaluation, get_protocol(protocol))
+    evaluation.check_depth(top_k)
     data = features or evaluation.data
     nq, out = len(data.queries), []
     for start in progress(range(0, nq, batch_size), desc=f"logits of {reranker.name or type(reranker).__name__}", unit="batch"):

@@ -8,7 +8,7 @@ import pytest
 
 from locore_plugin import create_reranker
 from locore_plugin.data import synthetic
-from locore_plugin.evaluation import DatasetEvaluation, EvalData, global_ranking, load_dataset
+from locore_plugin.evaluation import DatasetEvaluation, EvalData, EvaluationError, global_ranking, load_dataset
 from locore_plugin.evaluation.ranking import RankingError
 from locore_plugin.interface import ImageReranker, ranked
 
@@ -106,6 +106,12 @@ def test_an_evaluation_on_the_head_scores_as_on_the_full_ranking(synthetic_root,
             np.testing.assert_allclose(got[name]["mP@k"], expected[name]["mP@k"], atol=1e-12)
     assert DatasetEvaluation(held, ["hard"], junk).run(Reverse(), top_k=5)["hard"]["value"] != pytest.approx(
         DatasetEvaluation(held, ["hard"], junk).run(None)["hard"]["value"])  # the comparison is not vacuous
+
+
+def test_a_head_too_short_for_the_re_ranking_is_refused(synthetic_root):
+    held = load_dataset(synthetic_root, "synthetic", "synth", top_k=5)
+    with pytest.raises(EvaluationError, match="top_k >= 40"):
+        DatasetEvaluation(held, ["hard*"], "remove").run(Reverse(), top_k=40)
 
 
 def test_bad_global_descriptors_are_named():
