@@ -128,7 +128,8 @@ def load_dataset(root, dataset: str, desc: str, metric: str = "standard", nn: Op
 
     ``metric="standard"`` ranks the whole gallery (exact inner products; a published ``nn_{nn}.pkl``
     shortlist, if named, comes first), held as its head and the positions of the ground truth's
-    images (:func:`~locore_plugin.evaluation.ranking.global_ranking`, block by block); ``"truncated"`` uses the top-``depth`` shortlist itself
+    images (:func:`~locore_plugin.evaluation.ranking.global_ranking`, block by block);
+    ``"truncated"`` uses the top-``depth`` shortlist itself
     (``nn_{nn}.pkl``, or exact faiss search, cached), as the AMES/LoCoRE code does, and so do the
     GLDv2 datasets always (their metric reads the first 100). ``with_local=False`` opens the
     global descriptors only (no method of the run reads locals, so the local file may be absent).
