@@ -21,14 +21,14 @@ from locore_plugin.hookspecs import hookimpl
 from .attention import FAST, REFERENCE
 from .configuration import CONFIGS, MAX_POSITIONS, LocoreConfig
 from .initialisation import INIT_RECIPES, POSITION_METHODS, extend_positions, init_from_language_model
-from .modeling import ATTENTION_IMPLEMENTATIONS, REDUCTIONS, LocoreModel, parameter_count, reduce_scores, token_labels
+from .modeling import ATTENTION_IMPLEMENTATIONS, LocoreModel, parameter_count
 from .reranker import LocoreReranker
 from .weights import save_checkpoint
 
 __all__ = [
-    "ATTENTION_IMPLEMENTATIONS", "INIT_RECIPES", "MAX_POSITIONS", "POSITION_METHODS", "REDUCTIONS", "CONFIGS",
+    "ATTENTION_IMPLEMENTATIONS", "INIT_RECIPES", "MAX_POSITIONS", "POSITION_METHODS", "CONFIGS",
     "LocoreConfig", "LocoreModel", "LocoreReranker", "extend_positions", "init_from_language_model",
-    "parameter_count", "reduce_scores", "save_checkpoint", "token_labels",
+    "parameter_count", "save_checkpoint",
 ]
 
 

@@ -11,8 +11,6 @@ from transformers import LongformerConfig, LongformerModel
 from .attention import FAST, IMPLEMENTATIONS
 from .configuration import _PAD_ID, LocoreConfig
 
-REDUCTIONS = ("max-end", "max-sum", "max-start", "max-prod")
-
 # Replacements for the self-attention of every layer, by name: factory(LongformerSelfAttention) -> module
 # with the same parameters (names and shapes) and call signature. "transformers" is the reference;
 # "blocked" (.attention) computes the same function faster and is the default.
@@ -123,31 +121,6 @@ def _projection(dim: int, hidden: int) -> nn.Module:
     linear = nn.Linear(dim, hidden)
     nn.init.zeros_(linear.bias)
     return linear
-
-
-def reduce_scores(token_logits: torch.Tensor, tokens_per_image: int, reduction: str = "max-end") -> torch.Tensor:
-    """Per-gallery-image score (B, K) from token logits (B, (1 + K) * T, 2), as the official ``batch_predict``.
-
-    The class-1 logits of each gallery image's tokens except SEP: ``max-end`` takes the last local
-    slot (padded or not), ``max-start`` the first token (the global one), ``max-sum`` / ``max-prod``
-    sum / multiply all of them, padded slots included.
-    """
-    inside = token_logits[..., 1].unflatten(1, (-1, tokens_per_image))[:, 1:, :-1]
-    if reduction == "max-end":
-        return inside[..., -1]
-    if reduction == "max-start":
-        return inside[..., 0]
-    if reduction == "max-sum":
-        return inside.sum(-1)
-    if reduction == "max-prod":
-        return inside.prod(-1)
-    raise ValueError(f"unknown reduction {reduction!r}; use one of {REDUCTIONS}")
-
-
-def token_labels(labels: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
-    """Every gallery token carries its image's 0/1 label; query tokens are ignored (-100), as in the official loss."""
-    ignored = labels.new_full((labels.shape[0], 1), -100)
-    return torch.cat([ignored, labels.long()], 1).repeat_interleave(tokens_per_image, 1)
 
 
 def parameter_count(variant: str, **overrides) -> int:

@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from locore_plugin import ImageFeatures, create_reranker, list_rerankers
-from locore_plugin.adapters.locore import (
-    REDUCTIONS,
-    LocoreConfig,
-    LocoreModel,
-    parameter_count,
-    reduce_scores,
-)
+from locore_plugin.adapters.locore import LocoreConfig, LocoreModel, parameter_count
 from locore_plugin.io.checkpoints import StateDictMismatchError, read_state_dict
+from locore_plugin.listwise import REDUCTIONS, reduce_scores
 
 GOLDEN = pytest.mark.golden("locore")
 
