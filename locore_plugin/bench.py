@@ -8,6 +8,8 @@ part of the re-ranker, as the paper counts; 0 without a module, e.g. SuperGlobal
 throughput (FLOP/s and queries/s) and peak memory (CUDA max allocated on a GPU, the peak increase
 of the resident set on a CPU). Learned re-rankers use random weights: the cost does not depend on
 them. Re-rankers with a sliding window (LoCoRE) are also timed on a ``sliding``-candidate shortlist,
+those that score a whole shortlist in one sequence (``one_pass``: LoCoRE-RWKV / -Mamba) in one pass
+over each of the ``one_pass`` lengths (default 100, 400, 1,000: the cost should grow linearly),
 and those that register ``official_options`` (a faster default than the official computation,
 e.g. CVNet's batched pairs) also with those options, as the setting ``top-N official``.
 
@@ -53,6 +55,7 @@ from locore_plugin.runtime import resolve_device, resolve_dtype
 
 # Descriptor sizes for re-rankers that do not state theirs: SuperGlobal's CVNet-R50 globals and SIFT locals.
 DEFAULT_GLOBAL_DIM, DEFAULT_LOCAL_DIM, DEFAULT_LOCALS = 2048, 128, 1000
+ONE_PASS_LENGTHS = (100, 400, 1000)  # shortlists a one-pass re-ranker is timed on: the cost should grow linearly
 
 # FlopCounterMode has formulas for the CUDA fused attention kernels but not for the CPU one.
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -143,6 +146,14 @@ class GemmProbe:
     start_flop_per_s: float
     end_flop_per_s: float
     flop_per_s: float  # the faster of the two: what the hardware reached
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    """``"100,400,1000"`` -> (100, 400, 1000); ``""`` -> ()."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated lengths, got {text!r}") from None
 
 
 def synthetic_features(reranker, count: int, locals_per_image: int, seed: int = 0) -> list[ImageFeatures]:
@@ -270,9 +281,19 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    with flop_counter.FlopCounterMode(display=False) as counter:
-        fn()
+def count_flops(fn: Callable[[], object], module: Optional[torch.nn.Module] = None) -> int:
+    """FLOPs of one call. ``module``'s parameters are frozen meanwhile: the counter's module tracker
+    hooks the gradient of every argument that requires one, which fails under inference mode for a
+    parameter passed as an argument (transformers' Mamba hands its convolution weights to a kernel layer)."""
+    frozen = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return int(counter.get_total_flops())
 
 
@@ -291,9 +312,10 @@ def time_runs(fns: Sequence[Callable[[], object]], device, warmup: int, runs: in
 
 
 def bench_reranker(name: str, device="cpu", gallery: int = 100, sliding: int = 400, warmup: int = 10, runs: int = 10,
-                   seed: int = 0, dtype="float32") -> list[CostRecord]:
+                   seed: int = 0, dtype="float32", one_pass: Sequence[int] = ONE_PASS_LENGTHS) -> list[CostRecord]:
     """The cost records of one re-ranker: ``top-{gallery}``, plus ``sliding-{sliding}`` when it has a
-    sliding window and ``top-{gallery} official`` when it registers ``official_options``."""
+    sliding window, ``one-pass-{n}`` for each ``one_pass`` length when it scores a whole shortlist in
+    one sequence, and ``top-{gallery} official`` when it registers ``official_options``."""
     device = resolve_device(device)
     settings = [(f"top-{gallery}", gallery, {})]
     reranker = build(name, device, dtype)
@@ -302,6 +324,8 @@ def bench_reranker(name: str, device="cpu", gallery: int = 100, sliding: int = 4
         settings.append((f"top-{gallery} official", gallery, dict(entry.metadata.official_options)))
     if entry is not None and entry.metadata.sliding_window and sliding:
         settings.append((f"sliding-{sliding}", sliding, {"top_k": sliding}))
+    if entry is not None and entry.metadata.one_pass:
+        settings += [(f"one-pass-{n}", n, {"top_k": n, "window": "all"}) for n in one_pass]
     records = []
     for setting, size, options in settings:
         if options:
@@ -313,7 +337,7 @@ def bench_reranker(name: str, device="cpu", gallery: int = 100, sliding: int = 4
 
         module = getattr(reranker, "module", None)
         params = _parameters_run(module, run) if module is not None else 0  # also the first call: lazy initialisation
-        flops = count_flops(run)
+        flops = count_flops(run, module)
         with _PeakMemory(device) as memory:
             (times,) = time_runs([run], device, warmup, runs, desc=f"{name} {setting}")
         mean = statistics.fmean(times)
@@ -459,11 +483,12 @@ def _dtype_name(dtype) -> str:
 
 
 def run_bench(names: Optional[Sequence[str]] = None, device="cpu", gallery: int = 100, sliding: int = 400,
-              warmup: int = 10, runs: int = 10, attention: bool = True, seed: int = 0, dtype="float32") -> list[dict]:
+              warmup: int = 10, runs: int = 10, attention: bool = True, seed: int = 0, dtype="float32",
+              one_pass: Sequence[int] = ONE_PASS_LENGTHS) -> list[dict]:
     """Every record of a benchmark run, as dicts: the GEMM probe, the cost records, then the attention
     comparisons, each with its floors and efficiencies against the probe."""
-    if warmup < 0 or runs < 1 or gallery < 1 or sliding < 0:
-        raise ValueError("need warmup >= 0, runs >= 1, gallery >= 1 and sliding >= 0")
+    if warmup < 0 or runs < 1 or gallery < 1 or sliding < 0 or any(n < 1 for n in one_pass):
+        raise ValueError("need warmup >= 0, runs >= 1, gallery >= 1, sliding >= 0 and one-pass lengths >= 1")
     device = resolve_device(device)
     entries = registered_rerankers()
     names = list(names) if names else sorted(entries)
@@ -472,7 +497,7 @@ def run_bench(names: Optional[Sequence[str]] = None, device="cpu", gallery: int 
     start_rate = gemm_rate(device, dtype)
     records = []
     for name in progress(names, desc="bench", unit="re-ranker"):
-        records += [asdict(r) for r in bench_reranker(name, device, gallery, sliding, warmup, runs, seed, dtype)]
+        records += [asdict(r) for r in bench_reranker(name, device, gallery, sliding, warmup, runs, seed, dtype, one_pass)]
     if attention:
         for name in [n for n in names if attention_implementations(n)]:
             records.append(asdict(compare_attention(name, device, gallery, warmup, runs, seed, dtype)))
@@ -548,12 +573,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed runs (default: 10)")
     parser.add_argument("--gallery", type=int, default=100, help="re-ranked images per query (default: 100)")
     parser.add_argument("--sliding", type=int, default=400, help="shortlist of the sliding-window setting (0: skip)")
+    parser.add_argument("--one-pass", type=_lengths, default=ONE_PASS_LENGTHS, metavar="N,N,...",
+                        help="shortlist lengths of the one-pass setting, comma-separated ('' to skip; default: 100,400,1000)")
     parser.add_argument("--no-attention", dest="attention", action="store_false",
                         help="skip the reference vs fast attention comparison")
 
     def run(args):
         records = run_bench(args.names, args.device, args.gallery, args.sliding, args.warmup, args.runs, args.attention,
-                            dtype=args.dtype)
+                            dtype=args.dtype, one_pass=args.one_pass)
         print(markdown(records))
         if args.json:
             atomic_write(args.json, json.dumps(records, indent=1))

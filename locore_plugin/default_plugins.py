@@ -5,6 +5,7 @@ DEFAULT_PLUGINS = (
     "locore_plugin.adapters.ames",
     "locore_plugin.adapters.rrt",
     "locore_plugin.adapters.locore",
+    "locore_plugin.adapters.locore_recurrent",
     "locore_plugin.adapters.r2former",
     "locore_plugin.adapters.elvis",
     "locore_plugin.adapters.cvnet",

@@ -50,6 +50,22 @@ def reduce_scores(token_logits: torch.Tensor, tokens_per_image: int, reduction: 
     raise ValueError(f"unknown reduction {reduction!r}; use one of {REDUCTIONS}")
 
 
+def image_blocks(local_tokens: torch.Tensor, local_valid: torch.Tensor, sep: torch.Tensor,
+                 global_tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of a sequence as token blocks ``[global][L locals][SEP]`` (no global token when
+    ``global_tokens`` is None): local_tokens (B, N, L, H) (embedded, scale included), local_valid
+    (B, N, L) True for real descriptors, sep (H,), global_tokens (B, N, H) -> tokens (B, N, T, H)
+    and valid (B, N, T) (global and SEP tokens are always valid)."""
+    batch, images = local_valid.shape[:2]
+    parts = [local_tokens, sep.expand(batch, images, 1, -1)]
+    ones = local_valid.new_ones(batch, images, 1, dtype=torch.bool)
+    valid = [local_valid.bool(), ones]
+    if global_tokens is not None:
+        parts.insert(0, global_tokens[:, :, None])
+        valid.insert(0, ones)
+    return torch.cat(parts, 2), torch.cat(valid, 2)
+
+
 def token_labels(labels: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
     """Every gallery token carries its image's 0/1 label; query tokens are ignored (-100), as in the official loss."""
     ignored = labels.new_full((labels.shape[0], 1), -100)

@@ -39,7 +39,9 @@ class RerankerInfo:
     extractor that ``rank()`` uses on raw images when the user names none. ``attn_implementations``:
     ``(reference, fast)`` names its factory accepts as ``attn_implementation`` (the benchmark runs
     both). ``sliding_window``: it re-ranks a ``top_k`` longer than one model input by sliding
-    windows (the benchmark then also times a 400-candidate shortlist). ``official_options``: factory
+    windows (the benchmark then also times a 400-candidate shortlist). ``one_pass``: it also scores
+    a whole ``top_k`` in one sequence with ``window="all"`` (a model without a context limit; the
+    benchmark times that at several lengths, to show how the cost grows). ``official_options``: factory
     options that give the official computation where the default is a faster equivalent (CVNet:
     ``{"batch_size": 1}``, one pair per forward); the benchmark times both.
 
@@ -55,6 +57,7 @@ class RerankerInfo:
     extractor: Optional[str] = None
     attn_implementations: tuple[str, ...] = ()
     sliding_window: bool = False
+    one_pass: bool = False
     official_options: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -102,3 +102,17 @@ def test_a_chain_is_timed_on_the_one_shortlist():
     (record,) = bench_reranker("superglobal+superglobal", gallery=3, sliding=6, warmup=0, runs=1)
     assert (record.name, record.setting, record.params) == ("superglobal+superglobal", "top-3", 0)
     assert record.flops > 0 and record.latency_ms_mean > 0
+
+
+def test_one_pass_rerankers_are_timed_at_each_length_with_linear_cost():
+    """A recurrent LoCoRE scores (1 + n) images in one sequence: its FLOPs grow linearly with 1 + n
+    (slightly less than proportionally: the padded locals of the random images are left out)."""
+    from locore_plugin.bench import bench_reranker
+
+    records = {r.setting: r for r in bench_reranker("locore-mamba", gallery=2, sliding=0, warmup=0, runs=1, one_pass=(4, 9))}
+    assert set(records) == {"top-2", "one-pass-4", "one-pass-9"}
+    assert records["one-pass-9"].gallery == 9
+    assert 1.85 < records["one-pass-9"].flops / records["one-pass-4"].flops <= 10 / 5
+    with pytest.raises(ValueError, match="one-pass lengths"):
+        from locore_plugin.bench import run_bench
+        run_bench(["locore-mamba"], one_pass=(0,))

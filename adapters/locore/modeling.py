@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import LongformerConfig, LongformerModel
 
+from locore_plugin.listwise import image_blocks
+
 from .attention import FAST, IMPLEMENTATIONS
 from .configuration import _PAD_ID, LocoreConfig
 
@@ -79,16 +81,14 @@ class LocoreModel(nn.Module):
         local = self.local_to_lm(torch.cat([query_local[:, None], gallery_local], 1))
         local = local + self.scale_encoder(torch.cat([query_scale[:, None], gallery_scale], 1))
         backbone = self.language_model.longformer
-        sep = backbone.sep_embedding.expand(batch, 1 + num_gallery, 1, -1)
-        parts, valid = [local, sep], [torch.cat([query_mask[:, None], gallery_mask], 1).bool()]
-        ones = valid[0].new_ones(batch, 1 + num_gallery, 1)
+        valid = torch.cat([query_mask[:, None], gallery_mask], 1)
+        global_tokens = None
         if self.config.use_global:
             if query_global is None or gallery_global is None:
                 raise ValueError("this LoCoRE model uses global descriptors; pass query_global and gallery_global")
-            parts.insert(0, self.global_to_lm(torch.cat([query_global[:, None], gallery_global], 1))[:, :, None])
-            valid.insert(0, ones)
-        tokens = torch.cat(parts, 2)
-        attend = torch.cat([*valid, ones], 2).long()
+            global_tokens = self.global_to_lm(torch.cat([query_global[:, None], gallery_global], 1))
+        tokens, attend = image_blocks(local, valid, backbone.sep_embedding, global_tokens)
+        attend = attend.long()
         is_global = torch.zeros_like(attend)
         is_global[:, :, -1] = 1  # every SEP
         is_global[:, 0] = 1  # the whole query block (query_global_attention)
