@@ -12,7 +12,7 @@ BLOCK_NAMES = {"rwkv": "RWKV", "mamba": "Mamba"}  # block_type -> how the paper 
 BLOCK_TYPES = tuple(BLOCK_NAMES)
 
 # hidden 512 and 4 recurrent layers as locore-tiny's 4 Longformer layers; a query cross-attention
-# block after every second recurrent layer (2 in all).
+# block before every second recurrent layer (before layers 1 and 3).
 CONFIGS = {
     "locore-rwkv": dict(block_type="rwkv", hidden_size=512, num_layers=4, cross_attention_every=2, num_attention_heads=8,
                         intermediate_size=2048),
@@ -67,8 +67,8 @@ class RecurrentConfig:
 
     @property
     def cross_attention_layers(self) -> int:
-        """How many query cross-attention blocks the model has (one after every ``cross_attention_every`` recurrent layers)."""
-        return self.num_layers // self.cross_attention_every
+        """How many query cross-attention blocks the model has (one before every ``cross_attention_every`` recurrent layers)."""
+        return -(-self.num_layers // self.cross_attention_every)
 
     def block_config(self):
         """The ``transformers`` config its recurrent blocks are built from (vocabulary of 1: no word embeddings are used)."""

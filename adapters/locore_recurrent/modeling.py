@@ -13,9 +13,10 @@ Choices the paper leaves open (README, "LoCoRE-RWKV and LoCoRE-Mamba"):
   changes one. A padded local slot's output is the preceding valid token's (so ``max-end``, the
   last local slot, reads the image's last valid local, as the Longformer's padded slot sums up
   its image).
-- **Query cross-attention** after every ``cross_attention_every`` recurrent layers: every token
-  attends to the query's valid tokens (pre-norm multi-head attention and an MLP, each residual), so
-  every gallery image reaches the query in one step wherever it sits in the sequence.
+- **Query cross-attention** before every ``cross_attention_every`` recurrent layers (the first
+  before layer 1): every token attends to the query's valid tokens (pre-norm multi-head attention
+  and an MLP, each residual), so every gallery image reaches the query in one step wherever it
+  sits in the sequence, and the recurrent layers after it gather each local's evidence over its image.
 - No position embeddings: the recurrence orders the tokens itself.
 """
 from __future__ import annotations
@@ -134,9 +135,9 @@ class LocoreRecurrentModel(nn.Module):
 
         every = self.config.cross_attention_every
         for i, layer in enumerate(self.layers):
+            if i % every == 0:
+                hidden = self.cross_attention[i // every](hidden, query_valid)
             hidden = layer(hidden, reverse)
-            if (i + 1) % every == 0:
-                hidden = self.cross_attention[(i + 1) // every - 1](hidden, query_valid)
 
         # Unpack: each slot reads its own token, a padded slot the last valid token before it.
         source = (valid.cumsum(1) - 1).clamp(min=0)

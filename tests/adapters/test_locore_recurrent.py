@@ -245,3 +245,17 @@ def test_options_and_input_are_validated(name):
     with pytest.raises(ValueError, match="no valid local"):
         reranker.rerank(ImageFeatures(global_desc=query.global_desc, local=np.zeros((0, LOCAL_DIM)), scale=np.zeros(0)),
                         shortlist)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_through_rerankers(name, tmp_path):
+    from rerankers import Reranker
+
+    small_reranker(name).save_pretrained(tmp_path / "ckpt")
+    rng = np.random.default_rng(9)
+    query, *docs = random_images(rng, 8)
+    options = dict(checkpoint=tmp_path / "ckpt", device="cpu", query_length=LOCALS, window="all", top_k=9, verbose=0)
+    ranked = Reranker(name, **options).rank(query, docs)
+    expected = create_reranker(name, **options).rerank(query, docs)
+    assert [r.doc_id for r in ranked.results] == expected.order.tolist()
+    np.testing.assert_allclose([r.score for r in ranked.results], expected.scores[expected.order], rtol=1e-6)
