@@ -50,18 +50,28 @@ def reduce_scores(token_logits: torch.Tensor, tokens_per_image: int, reduction: 
     raise ValueError(f"unknown reduction {reduction!r}; use one of {REDUCTIONS}")
 
 
-def image_blocks(local_tokens: torch.Tensor, local_valid: torch.Tensor, sep: torch.Tensor,
-                 global_tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images of a sequence as token blocks ``[global][L locals][SEP]`` (no global token when
-    ``global_tokens`` is None): local_tokens (B, N, L, H) (embedded, scale included), local_valid
-    (B, N, L) True for real descriptors, sep (H,), global_tokens (B, N, H) -> tokens (B, N, T, H)
-    and valid (B, N, T) (global and SEP tokens are always valid)."""
-    batch, images = local_valid.shape[:2]
-    parts = [local_tokens, sep.expand(batch, images, 1, -1)]
-    ones = local_valid.new_ones(batch, images, 1, dtype=torch.bool)
-    valid = [local_valid.bool(), ones]
-    if global_tokens is not None:
-        parts.insert(0, global_tokens[:, :, None])
+def image_blocks(local_projection: nn.Module, scale_embedding: nn.Module, sep: torch.Tensor,
+                 global_projection: Optional[nn.Module], query_local, query_scale, query_mask, gallery_local,
+                 gallery_scale, gallery_mask, query_global=None, gallery_global=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedded images of a sequence as token blocks ``[global][L locals][SEP]``, the query's first.
+
+    Locals are projected and get their scale's embedding; globals are projected (no global token
+    when ``global_projection`` is None); ``sep`` (H,) closes every block. Inputs as a list-wise
+    model's forward: query_local (B, L, Dl), query_scale / query_mask (B, L), gallery_local
+    (B, K, L, Dl), gallery_scale / gallery_mask (B, K, L), query_global (B, Dg), gallery_global
+    (B, K, Dg); masks True for valid descriptors. Returns tokens (B, 1 + K, T, H) and valid
+    (B, 1 + K, T) (global and SEP tokens are always valid).
+    """
+    local = local_projection(torch.cat([query_local[:, None], gallery_local], 1))
+    local = local + scale_embedding(torch.cat([query_scale[:, None], gallery_scale], 1))
+    batch, images = local.shape[:2]
+    parts = [local, sep.expand(batch, images, 1, -1)]
+    ones = query_mask.new_ones(batch, images, 1, dtype=torch.bool)
+    valid = [torch.cat([query_mask[:, None], gallery_mask], 1).bool(), ones]
+    if global_projection is not None:
+        if query_global is None or gallery_global is None:
+            raise ValueError("this model uses global descriptors; pass query_global and gallery_global")
+        parts.insert(0, global_projection(torch.cat([query_global[:, None], gallery_global], 1))[:, :, None])
         valid.insert(0, ones)
     return torch.cat(parts, 2), torch.cat(valid, 2)
 

@@ -78,16 +78,10 @@ class LocoreModel(nn.Module):
         """
         batch, num_gallery, num_locals, _ = gallery_local.shape
         self.config.check_context(num_gallery, num_locals)
-        local = self.local_to_lm(torch.cat([query_local[:, None], gallery_local], 1))
-        local = local + self.scale_encoder(torch.cat([query_scale[:, None], gallery_scale], 1))
         backbone = self.language_model.longformer
-        valid = torch.cat([query_mask[:, None], gallery_mask], 1)
-        global_tokens = None
-        if self.config.use_global:
-            if query_global is None or gallery_global is None:
-                raise ValueError("this LoCoRE model uses global descriptors; pass query_global and gallery_global")
-            global_tokens = self.global_to_lm(torch.cat([query_global[:, None], gallery_global], 1))
-        tokens, attend = image_blocks(local, valid, backbone.sep_embedding, global_tokens)
+        tokens, attend = image_blocks(self.local_to_lm, self.scale_encoder, backbone.sep_embedding,
+                                      self.global_to_lm if self.config.use_global else None, query_local, query_scale,
+                                      query_mask, gallery_local, gallery_scale, gallery_mask, query_global, gallery_global)
         attend = attend.long()
         is_global = torch.zeros_like(attend)
         is_global[:, :, -1] = 1  # every SEP

@@ -112,14 +112,9 @@ class LocoreRecurrentModel(nn.Module):
                 query_global=None, gallery_global=None) -> torch.Tensor:
         """Token logits (B, (1 + K) * T, 2), T = L + 1 (+ 1 with global tokens); shapes as
         :meth:`LocoreModel.build_inputs <locore_plugin.adapters.locore.LocoreModel.build_inputs>`."""
-        local = self.local_to_hidden(torch.cat([query_local[:, None], gallery_local], 1))
-        local = local + self.scale_encoder(torch.cat([query_scale[:, None], gallery_scale], 1))
-        global_tokens = None
-        if self.config.use_global:
-            if query_global is None or gallery_global is None:
-                raise ValueError("this recurrent LoCoRE model uses global descriptors; pass query_global and gallery_global")
-            global_tokens = self.global_to_hidden(torch.cat([query_global[:, None], gallery_global], 1))
-        tokens, valid = image_blocks(local, torch.cat([query_mask[:, None], gallery_mask], 1), self.sep_embedding, global_tokens)
+        tokens, valid = image_blocks(self.local_to_hidden, self.scale_encoder, self.sep_embedding, self.global_to_hidden,
+                                     query_local, query_scale, query_mask, gallery_local, gallery_scale, gallery_mask,
+                                     query_global, gallery_global)
         query_valid_count = valid[:, 0].sum(1)
         tokens, valid = tokens.flatten(1, 2), valid.flatten(1, 2)
 
