@@ -259,3 +259,20 @@ def test_every_row_is_tested_against_the_chosen_baseline(data_root, tmp_path):
     assert summary["settings"]["baseline"] == "superglobal" and summary["comparisons"] == comparisons
     with pytest.raises(evaluation.EvaluationError, match="baseline 'nope'"):
         evaluation.run(_config(data_root, tmp_path, methods, baseline="nope"), log=lambda *a: None)
+
+
+def test_every_evaluation_recipe_names_registered_rerankers_and_checkpoints_a_recipe_writes():
+    """A comparison recipe that names a run folder no training recipe writes would only fail when run."""
+    from locore_plugin.registry import registered_rerankers
+    from locore_plugin.training import load_config
+
+    known = registered_rerankers()
+    written = {load_config(path).output_dir for path in (ROOT / "recipes").glob("train_*.toml")}
+    recipes = sorted((ROOT / "recipes").glob("eval_*.toml"))
+    assert len(recipes) >= 9
+    for path in recipes:
+        for method in evaluation.read_recipe(path)["methods"]:
+            assert all(stage in known for stage in method.name.split("+")), (path.name, method.name)
+            checkpoint = method.options.get("checkpoint")
+            if checkpoint and checkpoint.startswith("runs/"):
+                assert str(Path(checkpoint).parent) in written, (path.name, checkpoint)
